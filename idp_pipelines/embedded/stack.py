@@ -1,0 +1,294 @@
+"""`idp up`: start the embedded lab (llama.cpp server, MLflow server, Dagster) and keep it running.
+
+Each service runs in its own process group with its log under $IDP_HOME/logs. The launcher waits until
+every service answers, prints the URLs, submits one run of the main job, and on Ctrl-C (SIGINT) or
+SIGTERM stops everything it started. A second `idp up` on the same IDP_HOME finds the first one's lock,
+prints its URLs and leaves it alone.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from idp_pipelines import settings
+from idp_pipelines.lab import Lab, load_lab
+
+TINY_MODEL_FILE = "tiny-llama-f32.gguf"
+
+
+class StackError(RuntimeError):
+    """The embedded lab could not be started."""
+
+
+@dataclass
+class Service:
+    name: str
+    argv: list[str]
+    ready_url: str
+    ui_url: str
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None
+    log: Path | None = None
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _answers(url: str, timeout: float = 2.0) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=timeout).status_code < 500
+    except httpx.HTTPError:
+        return False
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def ensure_tiny_model(home: Path) -> Path:
+    """The embedded endpoint's model, generated once from a fixed seed (deterministic bytes)."""
+    from idp_pipelines.embedded.tiny_model import write_tiny_gguf
+
+    path = home / "embedded" / TINY_MODEL_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tiny_gguf(path, seed=0, dtype="f32")
+    return path
+
+
+def ensure_dagster_home(home: Path) -> Path:
+    dh = home / "dagster"
+    dh.mkdir(parents=True, exist_ok=True)
+    src = settings.REPO_ROOT / "dagster.yaml"
+    dst = dh / "dagster.yaml"
+    if not dst.exists() or dst.read_bytes() != src.read_bytes():
+        shutil.copyfile(src, dst)
+    return dh
+
+
+def plan_services(lab: Lab, home: Path, dagster_port: int) -> list[Service]:
+    py = sys.executable
+    services: list[Service] = []
+    for ep in lab.endpoints:
+        if not ep.embedded:
+            continue
+        host, port = _host_port(ep.base_url)
+        model = ensure_tiny_model(home)
+        services.append(Service(
+            name=f"llama.cpp ({ep.name})",
+            argv=[py, "-m", "llama_cpp.server", "--model", str(model), "--host", host, "--port", str(port),
+                  "--model_alias", ep.served_model_name or ep.model or "model",
+                  "--n_ctx", str(ep.settings.get("ctx_size", 512)),
+                  "--n_threads", str(ep.settings.get("threads", 2))],
+            ready_url=f"{ep.base_url}/v1/models", ui_url=f"{ep.base_url}/v1",
+        ))
+    if lab.mlflow.embedded:
+        host, port = _host_port(lab.mlflow.tracking_uri)
+        store = home / "mlflow"
+        store.mkdir(parents=True, exist_ok=True)
+        services.append(Service(
+            name="MLflow",
+            argv=[py, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
+                  "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
+                  "--artifacts-destination", str(store / "artifacts")],
+            # Without this, mlflow server starts a job runner: 15 processes and ~2.5 GB instead of 2 and 0.5.
+            env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            ready_url=f"{lab.mlflow.tracking_uri}/health", ui_url=lab.mlflow.tracking_uri,
+        ))
+    dagster_home = ensure_dagster_home(home)
+    services.append(Service(
+        name="Dagster",
+        argv=[py, "-m", "dagster", "dev", "-w", str(settings.REPO_ROOT / "workspace.yaml"),
+              "-h", "127.0.0.1", "-p", str(dagster_port)],
+        env={"DAGSTER_HOME": str(dagster_home)},
+        ready_url=f"http://127.0.0.1:{dagster_port}/server_info", ui_url=f"http://127.0.0.1:{dagster_port}",
+    ))
+    return services
+
+
+class Stack:
+    def __init__(self, lab_path: Path, home: Path, dagster_port: int, out=print) -> None:
+        self.lab_path, self.home, self.dagster_port, self.out = lab_path, home, dagster_port, out
+        self.services: list[Service] = []
+        self._lock_fd: int | None = None
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "up.json"
+
+    def _acquire(self) -> bool:
+        self.home.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.home / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._lock_fd = fd
+        return True
+
+    def start(self, timeout_s: float = 300.0) -> dict[str, str]:
+        if not self._acquire():
+            urls = json.loads(self.state_file.read_text()) if self.state_file.exists() else {}
+            self.out(f"The embedded lab is already running from IDP_HOME={self.home} (leaving it alone):")
+            for name, url in urls.get("urls", {}).items():
+                self.out(f"  {name:<22} {url}")
+            return {}
+        lab = load_lab(self.lab_path)
+        self.services = plan_services(lab, self.home, self.dagster_port)
+        for svc in self.services:
+            host, port = _host_port(svc.ready_url)
+            if not _port_free(host, port):
+                raise StackError(
+                    f"{svc.name} cannot start: {host}:{port} is already in use by another program. Fix: stop "
+                    f"it, or change the port ({'IDP_DAGSTER_PORT' if svc.name == 'Dagster' else self.lab_path})."
+                )
+        logs = self.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "IDP_HOME": str(self.home), "IDP_LAB": str(self.lab_path)}
+        for svc in self.services:
+            svc.log = logs / (svc.name.split(" ")[0].lower().replace(".", "") + ".log")
+            with open(svc.log, "ab") as log:
+                svc.proc = subprocess.Popen(svc.argv, env={**env, **svc.env}, stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, cwd=settings.REPO_ROOT, start_new_session=True)
+            self.out(f"started {svc.name} (pid {svc.proc.pid}, log {svc.log})")
+        self._wait_ready(timeout_s)
+        urls = {svc.name: svc.ui_url for svc in self.services}
+        self.state_file.write_text(json.dumps({"pid": os.getpid(), "urls": urls}, indent=2))
+        return urls
+
+    def _wait_ready(self, timeout_s: float) -> None:
+        t0 = time.monotonic()
+        pending = list(self.services)
+        while pending:
+            for svc in list(pending):
+                if svc.proc.poll() is not None:
+                    tail = svc.log.read_text(errors="replace").splitlines()[-15:] if svc.log else []
+                    raise StackError(f"{svc.name} exited with code {svc.proc.returncode} while starting. "
+                                     f"Last lines of {svc.log}:\n" + "\n".join(tail))
+                if _answers(svc.ready_url):
+                    self.out(f"{svc.name} answers after {time.monotonic() - t0:.1f} s")
+                    pending.remove(svc)
+            if pending and time.monotonic() - t0 > timeout_s:
+                raise StackError(f"{', '.join(s.name for s in pending)} did not answer within {timeout_s:.0f} s; "
+                                 f"see the logs under {self.home / 'logs'}.")
+            time.sleep(0.5)
+
+    def launch_main_job(self) -> str | None:
+        """Submit one run of the main job through Dagster's GraphQL API (what the UI's button does)."""
+        from dagster_graphql import DagsterGraphQLClient
+
+        from idp_pipelines.definitions import MAIN_JOB
+
+        client = DagsterGraphQLClient("127.0.0.1", port_number=self.dagster_port)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return client.submit_job_execution(MAIN_JOB)
+            except Exception as exc:  # the code location may still be loading
+                if time.monotonic() > deadline:
+                    self.out(f"could not submit {MAIN_JOB}: {exc}")
+                    return None
+                time.sleep(1.0)
+
+    def stop(self) -> None:
+        for svc in reversed(self.services):
+            if svc.proc and svc.proc.poll() is None:
+                try:
+                    os.killpg(svc.proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + 20
+        for svc in self.services:
+            if not svc.proc:
+                continue
+            try:
+                svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.out(f"{svc.name} ignored SIGTERM; killing it")
+            # Stragglers in the group (dagster's code server, mlflow's workers) go too.
+            try:
+                os.killpg(svc.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            svc.proc.wait()
+        if self._lock_fd is not None:
+            self.state_file.unlink(missing_ok=True)
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def supervise(self) -> int:
+        """Block until a signal or until a service dies; returns the exit code."""
+        stop = {"why": None}
+
+        def on_signal(signum, _frame):
+            stop["why"] = signal.Signals(signum).name
+
+        signal.signal(signal.SIGINT, on_signal)
+        signal.signal(signal.SIGTERM, on_signal)
+        while stop["why"] is None:
+            for svc in self.services:
+                if svc.proc.poll() is not None:
+                    self.out(f"{svc.name} exited with code {svc.proc.returncode}; see {svc.log}. Stopping the lab.")
+                    return 1
+            time.sleep(0.5)
+        self.out(f"{stop['why']}: stopping the embedded lab")
+        return 0
+
+
+def up(*, lab_path: Path | None = None, home: Path | None = None, dagster_port: int | None = None,
+       run_main_job: bool = True) -> int:
+    lab_path = lab_path or settings.lab_path()
+    home = home or settings.idp_home()
+    dagster_port = dagster_port or int(os.environ.get("IDP_DAGSTER_PORT", "3000"))
+    stack = Stack(lab_path, home, dagster_port)
+    t0 = time.monotonic()
+
+    def interrupt(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    # Until supervise() takes over, SIGTERM must unwind through `finally` like Ctrl-C does.
+    signal.signal(signal.SIGTERM, interrupt)
+    try:
+        urls = stack.start()
+        if not urls:
+            return 0
+        print(f"\nThe embedded lab is up after {time.monotonic() - t0:.1f} s (IDP_HOME={home}, IDP_LAB={lab_path}):")
+        for name, url in urls.items():
+            print(f"  {name:<22} {url}")
+        if run_main_job:
+            run_id = stack.launch_main_job()
+            if run_id:
+                print(f"  main job run           {urls['Dagster']}/runs/{run_id}")
+        print("Ctrl-C stops everything.", flush=True)
+        return stack.supervise()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if stack.services:
+            stack.stop()
+            print("stopped.", flush=True)

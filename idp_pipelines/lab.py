@@ -1,0 +1,389 @@
+"""The lab inventory: one typed model of lab.yaml, the only place hosts, ports, paths and model ids live.
+
+`load_lab(path)` parses the file once; anything wrong fails with a single `LabError` that names the
+file, the field (``endpoints[1].model``) and the fix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from idp_pipelines import settings
+
+
+class LabError(ValueError):
+    """The lab inventory cannot be used as written."""
+
+
+# Names become asset partition keys, DuckDB values, MLflow params and note titles: keep them plain.
+Name = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")]
+EnvVarName = Annotated[str, StringConstraints(pattern=r"^[A-Z_][A-Z0-9_]*$")]
+HttpUrl = Annotated[str, StringConstraints(pattern=r"^https?://[^\s/]+(:\d+)?(/\S*)?$")]
+RepoId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")]
+QuantType = Literal[
+    "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "Q4_0", "Q4_1", "Q4_K_S", "Q4_K_M", "Q5_0", "Q5_1",
+    "Q5_K_S", "Q5_K_M", "Q6_K", "Q8_0", "F16", "BF16",
+]
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    """Relative paths are relative to the lab file's folder, like docker-compose does."""
+    path = value.expanduser()
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return Path(os.path.normpath(path))
+
+
+LabPath = Annotated[Path, AfterValidator(_resolve_path)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Gpu(_Strict):
+    model: str
+    memory_gb: float = Field(gt=0)
+    memory_bandwidth_gb_s: float | None = Field(default=None, gt=0)
+    count: int = Field(default=1, ge=1)
+
+
+class Cpu(_Strict):
+    model: str
+    cores: int = Field(ge=1)
+    threads: int = Field(ge=1)
+    inference_threads: int | None = Field(default=None, ge=1)
+
+
+class Host(_Strict):
+    name: Name
+    address: str
+    role: str = ""
+    description: str = ""
+    memory_gb: float | None = Field(default=None, gt=0)
+    gpu: Gpu | None = None
+    cpu: Cpu | None = None
+    docker_host: str | None = None
+    config_dir: str | None = None
+    dcgm_url: HttpUrl | None = None
+
+
+class Slo(_Strict):
+    ttft_ms: float | None = Field(default=None, gt=0)
+    tpot_ms: float | None = Field(default=None, gt=0)
+    e2e_ms: float | None = Field(default=None, gt=0)
+
+
+class Endpoint(_Strict):
+    name: Name
+    kind: Literal["vllm", "llamacpp", "triton", "openai"]
+    host: str
+    base_url: HttpUrl
+    model: str | None = None
+    served_model_name: str | None = None
+    api_key_env: EnvVarName | None = None
+    required: bool = True
+    embedded: bool = False
+    metrics_path: str | None = "/metrics"
+    settings: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    slo: Slo = Field(default_factory=Slo)
+
+    @field_validator("base_url")
+    @classmethod
+    def _no_trailing_slash(cls, v: str) -> str:
+        return v.rstrip("/")
+
+    @property
+    def port(self) -> int:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(self.base_url)
+        return parts.port or (443 if parts.scheme == "https" else 80)
+
+
+class Model(_Strict):
+    name: Name
+    repo_id: RepoId
+    revision: str = "main"
+    allow_patterns: list[str] | None = None
+    ignore_patterns: list[str] | None = None
+    format: Literal["gguf", "safetensors"]
+    quantize: list[QuantType] = Field(default_factory=list)
+    serving_quantization: str | None = None
+    serve_on: list[str] = Field(default_factory=list)
+    description: str = ""
+
+    @property
+    def pinned(self) -> bool:
+        return re.fullmatch(r"[0-9a-f]{40}", self.revision) is not None
+
+
+class GitRepo(_Strict):
+    name: Name
+    path: LabPath
+    branches: list[str] = Field(default_factory=lambda: ["main"], min_length=1)
+
+
+class Vault(_Strict):
+    path: LabPath
+    daily_folder: str = "Dev Log"
+    date_format: str = "YYYY-MM-DD"
+
+
+class ModelCache(_Strict):
+    path: LabPath
+    budget_gb: float = Field(gt=0)
+
+
+class Backup(_Strict):
+    target: LabPath
+    method: Literal["rsync", "restic"] = "rsync"
+    keep_daily: int = Field(default=7, ge=1)
+
+
+class MLflow(_Strict):
+    tracking_uri: HttpUrl
+    embedded: bool = False
+
+
+class Hub(_Strict):
+    endpoint: HttpUrl = "https://huggingface.co"
+    token_env: EnvVarName = "HF_TOKEN"
+
+
+class Schedules(_Strict):
+    timezone: str = "UTC"
+    benchmarks_cron: str = "0 2 * * *"
+    backup_cron: str = "0 4 * * *"
+
+
+class Expectation(_Strict):
+    """A claim of the seed plan, judged later against measurements (hardware_findings)."""
+
+    name: Name
+    claim: str
+    metric: str
+    low: float
+    high: float
+    unit: str
+    endpoint: str | None = None
+    host: str | None = None
+    source: str = ""
+
+
+class Lab(_Strict):
+    name: Name
+    description: str = ""
+    hosts: list[Host] = Field(min_length=1)
+    endpoints: list[Endpoint] = Field(default_factory=list)
+    models: list[Model] = Field(default_factory=list)
+    git_repos: list[GitRepo] = Field(default_factory=list)
+    vault: Vault
+    model_cache: ModelCache
+    backup: Backup
+    mlflow: MLflow
+    hub: Hub = Field(default_factory=Hub)
+    schedules: Schedules = Field(default_factory=Schedules)
+    expectations: list[Expectation] = Field(default_factory=list)
+
+    def host(self, name: str) -> Host:
+        return next(h for h in self.hosts if h.name == name)
+
+    def model(self, name: str) -> Model:
+        return next(m for m in self.models if m.name == name)
+
+    def endpoint(self, name: str) -> Endpoint:
+        return next(e for e in self.endpoints if e.name == name)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys silently; an inventory must not."""
+
+
+def _construct_mapping(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict[Any, yaml.Node] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (first at line {seen[key].start_mark.line + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def _fmt_loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _expand_vars(node: Any, loc: tuple[Any, ...], env: dict[str, str], problems: list[str]) -> Any:
+    if isinstance(node, dict):
+        return {k: _expand_vars(v, (*loc, k), env, problems) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_expand_vars(v, (*loc, i), env, problems) for i, v in enumerate(node)]
+    if isinstance(node, str):
+        def sub(m: re.Match[str]) -> str:
+            if m.group(1) not in env:
+                problems.append(
+                    f"{_fmt_loc(loc)}: environment variable ${{{m.group(1)}}} is not set. "
+                    f"Fix: export {m.group(1)}=... or write the value in the file."
+                )
+                return m.group(0)
+            return env[m.group(1)]
+
+        return _VAR.sub(sub, node)
+    return node
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The field names valid at `loc` (for 'unknown key' errors)."""
+    current: Any = model
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part) if isinstance(current, type) and issubclass(current, BaseModel) else None
+        if field is None:
+            return []
+        ann = field.annotation
+        args = [a for a in getattr(ann, "__args__", ()) if isinstance(a, type) and issubclass(a, BaseModel)]
+        current = args[0] if args else ann
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []
+
+
+def _fix_for(err: dict[str, Any]) -> str:
+    kind, loc = err["type"], tuple(err["loc"])
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(Lab, loc)
+        return f"unknown key {loc[-1]!r}. Fix: remove it or use one of: {', '.join(allowed)}."
+    if kind == "missing":
+        return "required key is missing. Fix: add it."
+    if kind == "string_pattern_mismatch":
+        field = loc[-1] if not isinstance(loc[-1], int) else loc[-2]
+        hints = {
+            "name": "lowercase letters, digits, '.', '-' and '_' (it becomes a partition key)",
+            "repo_id": "'owner/name' as on the Hub",
+            "api_key_env": "the NAME of an environment variable, e.g. VLLM_API_KEY (never the key itself)",
+            "token_env": "the NAME of an environment variable, e.g. HF_TOKEN",
+        }
+        hint = hints.get(str(field), "a URL like http://host:port" if "url" in str(field) or "uri" in str(field) or field == "endpoint" else "see labs/local.yaml")
+        return f"{err['input']!r} is not valid. Fix: use {hint}."
+    if kind == "literal_error":
+        return f"{err['msg']}; got {err['input']!r}. Fix: use one of the listed values."
+    got = err.get("input")
+    shown = f"; got {got!r}" if not isinstance(got, (dict, list)) else ""
+    return f"{err['msg']}{shown}. Fix: correct the value's type."
+
+
+def _cross_references(lab: Lab) -> list[str]:
+    problems: list[str] = []
+
+    def unique(items: list[Any], what: str, field: str) -> None:
+        first: dict[str, int] = {}
+        for i, item in enumerate(items):
+            if item.name in first:
+                problems.append(
+                    f"{field}[{i}].name: duplicate {what} name {item.name!r} (also {field}[{first[item.name]}]). "
+                    f"Fix: give every {what} a unique name."
+                )
+            first.setdefault(item.name, i)
+
+    unique(lab.hosts, "host", "hosts")
+    unique(lab.endpoints, "endpoint", "endpoints")
+    unique(lab.models, "model", "models")
+    unique(lab.git_repos, "git repo", "git_repos")
+    unique(lab.expectations, "expectation", "expectations")
+    hosts = {h.name for h in lab.hosts}
+    models = {m.name for m in lab.models}
+    endpoints = {e.name for e in lab.endpoints}
+
+    def ref(value: str | None, known: set[str], what: str, field: str) -> None:
+        if value is not None and value not in known:
+            problems.append(
+                f"{field}: unknown {what} {value!r}. Fix: use one of {sorted(known)} or add it under {what}s."
+            )
+
+    for i, ep in enumerate(lab.endpoints):
+        ref(ep.host, hosts, "host", f"endpoints[{i}].host")
+        ref(ep.model, models, "model", f"endpoints[{i}].model")
+    for i, m in enumerate(lab.models):
+        for j, h in enumerate(m.serve_on):
+            ref(h, hosts, "host", f"models[{i}].serve_on[{j}]")
+    for i, x in enumerate(lab.expectations):
+        ref(x.endpoint, endpoints, "endpoint", f"expectations[{i}].endpoint")
+        ref(x.host, hosts, "host", f"expectations[{i}].host")
+        if x.low > x.high:
+            problems.append(f"expectations[{i}].low: {x.low} is above high {x.high}. Fix: swap them.")
+    return problems
+
+
+def load_lab(path: str | os.PathLike[str] | None = None) -> Lab:
+    """Read and validate a lab inventory; raise LabError naming the file, field and fix."""
+    path = Path(path) if path is not None else settings.lab_path()
+    where = str(path)
+
+    def fail(problems: list[str]) -> LabError:
+        return LabError(f"Invalid lab inventory {where}:\n" + "\n".join(f"  {p}" for p in problems))
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise LabError(
+            f"Lab inventory {where} does not exist. Fix: set IDP_LAB to an existing file "
+            f"(e.g. labs/local.yaml) or create it."
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LabError(f"Lab inventory {where} cannot be read: {exc}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise fail([f"{at}: not valid YAML: {problem}. Fix: check indentation, quoting and duplicate keys there."]) from None
+    if not isinstance(raw, dict):
+        raise fail(["(top level): expected a mapping of sections (name, hosts, endpoints, ...). Fix: see labs/local.yaml."])
+
+    problems: list[str] = []
+    env = dict(os.environ)
+    env.setdefault("IDP_HOME", str(settings.idp_home()))
+    raw = _expand_vars(raw, (), env, problems)
+    if problems:
+        raise fail(problems)
+    try:
+        lab = Lab.model_validate(raw, context={"base_dir": path.absolute().parent})
+    except ValidationError as exc:
+        raise fail([f"{_fmt_loc(tuple(e['loc']))}: {_fix_for(e)}" for e in exc.errors()]) from None
+    problems = _cross_references(lab)
+    if problems:
+        raise fail(problems)
+    return lab

@@ -1,0 +1,526 @@
+"""GGUF quantization core: llama.cpp's quantizer (through llama-cpp-python) plus GGUF inspection.
+
+Plain Python, no Dagster. ``numpy``, ``gguf`` and ``llama_cpp`` are imported inside functions so importing
+this module is cheap.
+
+- :func:`quantize_gguf` quantizes an F32/F16/BF16 GGUF to a named type (Q4_K_M, Q8_0, ...) atomically:
+  llama.cpp writes a temporary file next to the destination, which is moved into place with ``os.replace``
+  only after it was read back successfully; on any failure the temporary file is removed and the
+  destination is untouched.
+- :func:`inspect_gguf` summarises a GGUF file (architecture, tensor types, tensors not in the expected type).
+- :func:`smoke_generate` loads a GGUF with ``llama_cpp.Llama`` and generates a few tokens.
+- :func:`expected_size_ratio` gives plausible (low, high) bounds of dst_size / src_size.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import tempfile
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = [
+    "QuantizeError",
+    "QuantResult",
+    "GGUFSummary",
+    "QUANT_TYPES",
+    "SOURCE_DTYPES",
+    "quant_type_names",
+    "normalize_quant_type",
+    "ftype_for",
+    "expected_tensor_types",
+    "expected_size_ratio",
+    "inspect_gguf",
+    "source_dtype",
+    "quantize_gguf",
+    "smoke_generate",
+    "sha256_file",
+]
+
+
+class QuantizeError(Exception):
+    """A quantization input or step failed. The message names the file and how to fix it."""
+
+
+# name -> (llama_cpp constant, expected 2-D tensor types in the output of a llama-style model).
+# The expected sets follow llama.cpp's mixture rules (src/llama-quant.cpp): e.g. Q4_K_M keeps output.weight
+# and about half of attn_v / ffn_down in Q6_K; the legacy types (Q4_0, Q5_x) put output.weight in Q6_K.
+# Types that need an importance matrix (IQ1/IQ2/IQ3_XXS, Q2_K_S) are left out on purpose.
+QUANT_TYPES: dict[str, tuple[str, frozenset[str]]] = {
+    "F32": ("LLAMA_FTYPE_ALL_F32", frozenset({"F32"})),
+    "F16": ("LLAMA_FTYPE_MOSTLY_F16", frozenset({"F16"})),
+    "BF16": ("LLAMA_FTYPE_MOSTLY_BF16", frozenset({"BF16"})),
+    "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", frozenset({"Q8_0"})),
+    "Q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", frozenset({"Q4_0", "Q6_K"})),
+    "Q4_1": ("LLAMA_FTYPE_MOSTLY_Q4_1", frozenset({"Q4_1", "Q6_K"})),
+    "Q5_0": ("LLAMA_FTYPE_MOSTLY_Q5_0", frozenset({"Q5_0", "Q6_K"})),
+    "Q5_1": ("LLAMA_FTYPE_MOSTLY_Q5_1", frozenset({"Q5_1", "Q6_K"})),
+    "Q2_K": ("LLAMA_FTYPE_MOSTLY_Q2_K", frozenset({"Q2_K", "Q3_K", "Q4_K", "Q6_K"})),
+    "Q3_K_S": ("LLAMA_FTYPE_MOSTLY_Q3_K_S", frozenset({"Q3_K", "Q6_K"})),
+    "Q3_K_M": ("LLAMA_FTYPE_MOSTLY_Q3_K_M", frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K"})),
+    "Q3_K_L": ("LLAMA_FTYPE_MOSTLY_Q3_K_L", frozenset({"Q3_K", "Q5_K", "Q6_K"})),
+    "Q4_K_S": ("LLAMA_FTYPE_MOSTLY_Q4_K_S", frozenset({"Q4_K", "Q5_K", "Q6_K"})),
+    "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", frozenset({"Q4_K", "Q6_K"})),
+    "Q5_K_S": ("LLAMA_FTYPE_MOSTLY_Q5_K_S", frozenset({"Q5_K", "Q6_K"})),
+    "Q5_K_M": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", frozenset({"Q5_K", "Q6_K"})),
+    "Q6_K": ("LLAMA_FTYPE_MOSTLY_Q6_K", frozenset({"Q6_K"})),
+    "IQ4_NL": ("LLAMA_FTYPE_MOSTLY_IQ4_NL", frozenset({"IQ4_NL", "Q5_K", "Q6_K"})),
+    "IQ4_XS": ("LLAMA_FTYPE_MOSTLY_IQ4_XS", frozenset({"IQ4_XS", "Q5_K", "Q6_K"})),
+}
+
+# llama_ftype values (llama.h) -> our names, to read general.file_type without importing llama_cpp.
+_FTYPE_VALUES: dict[int, str] = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
+    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
+    18: "Q6_K", 25: "IQ4_NL", 30: "IQ4_XS", 32: "BF16",
+}
+
+SOURCE_DTYPES = ("F32", "F16", "BF16")
+
+# Bits per weight of the GGML block formats (block bytes * 8 / block size).
+_BPW: dict[str, float] = {
+    "F32": 32.0, "F16": 16.0, "BF16": 16.0, "Q8_0": 8.5, "Q4_0": 4.5, "Q4_1": 5.0, "Q5_0": 5.5,
+    "Q5_1": 6.0, "Q2_K": 2.625, "Q3_K": 3.4375, "Q4_K": 4.5, "Q5_K": 5.5, "Q6_K": 6.5625,
+    "IQ4_NL": 4.5, "IQ4_XS": 4.25,
+}
+
+_SHAPE_FALLBACK_NOTE = (
+    "K-quants need tensor row widths (ne0) that are multiples of 256; other tensors fall back to "
+    "Q5_0/Q5_1/Q8_0/F16"
+)
+
+
+@dataclass(frozen=True)
+class GGUFSummary:
+    path: str
+    file_bytes: int
+    architecture: str | None
+    name: str | None
+    file_type: int | None  # general.file_type (llama_ftype), if present
+    file_type_name: str | None
+    tensor_count: int
+    n_params: int
+    type_counts: dict[str, int]  # tensor type name -> number of tensors
+    type_bytes: dict[str, int]  # tensor type name -> bytes of tensor data
+    expected_types: list[str]  # expected types of the quantized (2-D) tensors; [] if unknown
+    fallbacks: dict[str, str]  # 2-D tensor name -> its type, for tensors not in expected_types
+    tensor_types: dict[str, str] = field(repr=False, default_factory=dict)  # tensor name -> type
+
+    @property
+    def dominant_type(self) -> str | None:
+        """The type holding most tensor bytes among tensors with >= 2 dims."""
+        return max(self.type_bytes, key=self.type_bytes.get) if self.type_bytes else None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class QuantResult:
+    src: str
+    dst: str
+    quant_type: str
+    ftype: int
+    src_dtype: str
+    src_sha256: str
+    dst_sha256: str
+    src_bytes: int
+    dst_bytes: int
+    size_ratio: float  # dst_bytes / src_bytes
+    seconds: float  # llama_model_quantize wall time only
+    total_seconds: float  # including validation, hashing and the read-back
+    nthread: int
+    params: dict[str, Any]  # llama_model_quantize_params used
+    tensor_types: dict[str, int]  # output tensor type -> count
+    fallbacks: dict[str, str]  # output 2-D tensors not in the expected types of quant_type
+    llama_log_tail: str = ""  # last lines llama.cpp logged during quantization
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+
+def quant_type_names() -> list[str]:
+    return list(QUANT_TYPES)
+
+
+def normalize_quant_type(quant_type: str) -> str:
+    """'q4_k_m' / 'Q4_K_M' / 'q4-k-m' -> 'Q4_K_M'; unknown -> QuantizeError listing the valid names."""
+    key = str(quant_type).strip().upper().replace("-", "_")
+    if key not in QUANT_TYPES:
+        raise QuantizeError(
+            f"unknown quant type {quant_type!r}; valid types: {', '.join(QUANT_TYPES)} "
+            "(IQ1/IQ2/IQ3_XXS/Q2_K_S need an importance matrix and are not offered)"
+        )
+    return key
+
+
+def ftype_for(quant_type: str) -> int:
+    """The llama_cpp LLAMA_FTYPE_* value for a quant type name (needs llama_cpp)."""
+    name = normalize_quant_type(quant_type)
+    llama_cpp = _import_llama_cpp()
+    const = QUANT_TYPES[name][0]
+    try:
+        return int(getattr(llama_cpp, const))
+    except AttributeError:  # pragma: no cover - depends on the installed llama_cpp version
+        raise QuantizeError(
+            f"llama_cpp {getattr(llama_cpp, '__version__', '?')} has no {const} for quant type {name}; "
+            "pick another type or upgrade llama-cpp-python"
+        ) from None
+
+
+def expected_tensor_types(quant_type: str) -> frozenset[str]:
+    return QUANT_TYPES[normalize_quant_type(quant_type)][1]
+
+
+def expected_size_ratio(quant_type: str, src_dtype: str = "F32") -> tuple[float, float]:
+    """Plausible (low, high) bounds of dst_bytes / src_bytes for quantizing a src_dtype model.
+
+    Built from the bits per weight of the types the mixture may use: low = cheapest type / source bits
+    * 0.9, high = most expensive type / source bits * 1.1 + 0.03. The + 0.03 absorbs what does not shrink:
+    GGUF metadata (the vocabulary) and 1-D F32 norm tensors, which weigh ~1 % of a tiny test model and
+    ~0 % of a real one. Measured on the tiny test model (write_tiny_gguf, 1.44 M params, llama.cpp in
+    llama-cpp-python 0.3.36): Q8_0 from F32 0.268 (band 0.239-0.322), from F16 0.534 (0.478-0.614);
+    Q4_K_M from F32 0.157 (0.127-0.256), from F16 0.312 (0.253-0.481); Q6_K from F32 0.208; Q2_K from F32
+    0.104. Large models: Q4_K_M from F16 ~0.30, from F32 ~0.15; Q8_0 from F16 ~0.53.
+    The bands catch gross errors (nothing quantized, everything fell back to Q8_0/F16, truncated output),
+    not mixture details.
+    """
+    name = normalize_quant_type(quant_type)
+    src = str(src_dtype).strip().upper()
+    if src not in SOURCE_DTYPES:
+        raise QuantizeError(f"source dtype must be one of {', '.join(SOURCE_DTYPES)}, got {src_dtype!r}")
+    src_bits = _BPW[src]
+    bits = [_BPW[t] for t in QUANT_TYPES[name][1]]
+    low = min(bits) / src_bits * 0.9
+    high = min(max(bits) / src_bits * 1.1 + 0.03, 2.05)
+    return round(low, 4), round(high, 4)
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+
+
+def _open_reader(path: Path):
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise QuantizeError(f"GGUF file not found: {path}; check the path (download or build the model first)")
+    if not path.is_file():
+        raise QuantizeError(f"not a regular file: {path}; pass the path of a .gguf file")
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise QuantizeError(f"cannot read {path}: {exc}; fix the file permissions") from exc
+    if magic != b"GGUF":
+        raise QuantizeError(
+            f"{path} is not a GGUF file (magic {magic!r}); convert the model with llama.cpp's "
+            "convert_hf_to_gguf.py first"
+        )
+    try:
+        return GGUFReader(path, "r")
+    except Exception as exc:  # truncated / corrupt files raise various errors
+        raise QuantizeError(f"cannot parse GGUF file {path}: {exc}; the file is truncated or corrupt, re-download it") from exc
+
+
+def _field_value(reader, key: str):
+    f = reader.fields.get(key)
+    if f is None:
+        return None
+    try:
+        return f.contents()
+    except Exception:  # pragma: no cover - unusual field encodings
+        return None
+
+
+def inspect_gguf(path: str | os.PathLike[str], quant_type: str | None = None) -> GGUFSummary:
+    """Summarise a GGUF file with gguf.GGUFReader.
+
+    ``fallbacks`` lists the tensors with >= 2 dims whose type is not among the expected types of
+    ``quant_type`` (or, if not given, of the file's general.file_type). 1-D tensors (norms, biases) always
+    stay F32 in llama.cpp and are never counted as fallbacks.
+    """
+    p = Path(path)
+    reader = _open_reader(p)
+    arch = _field_value(reader, "general.architecture")
+    name = _field_value(reader, "general.name")
+    ftype = _field_value(reader, "general.file_type")
+    ftype = int(ftype) if ftype is not None else None
+    ftype_name = _FTYPE_VALUES.get(ftype) if ftype is not None else None
+
+    qname = normalize_quant_type(quant_type) if quant_type is not None else ftype_name
+    expected = sorted(QUANT_TYPES[qname][1]) if qname in QUANT_TYPES else []
+
+    type_counts: Counter[str] = Counter()
+    type_bytes: Counter[str] = Counter()
+    tensor_types: dict[str, str] = {}
+    fallbacks: dict[str, str] = {}
+    n_params = 0
+    for t in reader.tensors:
+        tname = t.tensor_type.name
+        tensor_types[t.name] = tname
+        type_counts[tname] += 1
+        n_params += int(t.n_elements)
+        if len(t.shape) >= 2:  # llama.cpp only quantizes tensors with >= 2 dims
+            type_bytes[tname] += int(t.n_bytes)
+            if expected and tname not in expected:
+                fallbacks[t.name] = tname
+    return GGUFSummary(
+        path=str(p),
+        file_bytes=p.stat().st_size,
+        architecture=str(arch) if arch is not None else None,
+        name=str(name) if name is not None else None,
+        file_type=ftype,
+        file_type_name=ftype_name,
+        tensor_count=len(reader.tensors),
+        n_params=n_params,
+        type_counts=dict(sorted(type_counts.items())),
+        type_bytes=dict(sorted(type_bytes.items())),
+        expected_types=expected,
+        fallbacks=fallbacks,
+        tensor_types=tensor_types,
+    )
+
+
+def source_dtype(summary: GGUFSummary) -> str:
+    """The source dtype (F32/F16/BF16) of an unquantized GGUF, else QuantizeError naming the file."""
+    bad = {t: n for t, n in summary.type_counts.items() if t not in SOURCE_DTYPES}
+    if bad:
+        raise QuantizeError(
+            f"{summary.path} is already quantized (tensor types {bad}); quantize from the F32/F16/BF16 GGUF "
+            "instead (re-quantizing loses quality and is disabled)"
+        )
+    if not summary.type_bytes:
+        raise QuantizeError(f"{summary.path} has no 2-D weight tensors; it is not a model to quantize")
+    return summary.dominant_type or "F32"
+
+
+# ---------------------------------------------------------------------------------------------- llama.cpp
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise QuantizeError(
+            f"llama_cpp is not importable ({exc}); install llama-cpp-python[server]==0.3.36 into the venv"
+        ) from exc
+    return llama_cpp
+
+
+_LOG_LOCK = threading.Lock()
+
+
+@contextmanager
+def _capture_llama_log(lines: list[str]) -> Iterator[None]:
+    """Collect llama.cpp log lines into ``lines`` (the log callback is global: restored afterwards)."""
+    llama_cpp = _import_llama_cpp()
+    try:
+        from llama_cpp import _logger as lc_logger
+    except Exception:  # pragma: no cover
+        lc_logger = None
+
+    @llama_cpp.llama_log_callback
+    def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:  # pragma: no cover - C callback
+        try:
+            lines.append(text.decode("utf-8", "replace"))
+        except Exception:
+            pass
+
+    with _LOG_LOCK:
+        llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
+        try:
+            yield
+        finally:
+            if lc_logger is not None:
+                llama_cpp.llama_log_set(lc_logger.llama_log_callback, ctypes.c_void_p(0))
+            else:  # pragma: no cover
+                llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
+            _cb_keepalive.append(_cb)  # the C side may still hold the pointer briefly
+            del _cb_keepalive[:-4]
+
+
+_cb_keepalive: list[Any] = []
+
+
+def _params_dict(params) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for fname, _ctype in params._fields_:
+        value = getattr(params, fname)
+        if isinstance(value, (int, float, bool)):
+            out[fname] = value
+        else:  # pointers
+            out[fname] = None if not value else "set"
+    return out
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 4 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _error_lines(log: list[str]) -> str:
+    text = "".join(log)
+    keep = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
+    return "; ".join(keep[-3:])
+
+
+def quantize_gguf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    quant_type: str,
+    *,
+    nthread: int | None = None,
+) -> QuantResult:
+    """Quantize the F32/F16/BF16 GGUF ``src`` to ``dst`` as ``quant_type`` with llama.cpp.
+
+    Atomic: llama.cpp writes ``.<dst name>.<random>.tmp`` next to ``dst``; it is read back with GGUFReader
+    and moved to ``dst`` with os.replace. On any failure the temporary file is removed and ``dst`` is left
+    as it was. ``nthread`` None/<=0 lets llama.cpp use all hardware threads.
+    """
+    t_total = time.perf_counter()
+    qname = normalize_quant_type(quant_type)
+    src_p = Path(src)
+    dst_p = Path(dst)
+
+    src_summary = inspect_gguf(src_p)  # missing / not GGUF / corrupt -> QuantizeError
+    src_dt = source_dtype(src_summary)  # already quantized -> QuantizeError
+    try:
+        same = dst_p.exists() and os.path.samefile(src_p, dst_p)
+    except OSError:
+        same = False
+    if same or src_p.resolve() == dst_p.resolve():
+        raise QuantizeError(f"destination {dst_p} is the source file; choose another output path")
+    if dst_p.is_dir():
+        raise QuantizeError(f"destination {dst_p} is a directory; pass a file path such as {dst_p / 'model.gguf'}")
+
+    llama_cpp = _import_llama_cpp()
+    ftype = ftype_for(qname)
+
+    try:
+        dst_p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{dst_p.name}.", suffix=".tmp", dir=dst_p.parent)
+        os.close(fd)
+    except OSError as exc:
+        raise QuantizeError(
+            f"cannot write to the destination directory {dst_p.parent} for {dst_p.name}: {exc}; "
+            "choose a writable output path or fix the directory permissions"
+        ) from exc
+    tmp = Path(tmp_name)
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = int(nthread) if nthread and nthread > 0 else 0
+    log: list[str] = []
+    try:
+        src_sha = sha256_file(src_p)
+        t0 = time.perf_counter()
+        with _capture_llama_log(log):
+            rc = llama_cpp.llama_model_quantize(
+                os.fsencode(src_p), os.fsencode(tmp), ctypes.byref(params)
+            )
+        seconds = time.perf_counter() - t0
+        if rc != 0:
+            detail = _error_lines(log) or f"return code {rc}"
+            raise QuantizeError(
+                f"llama.cpp failed to quantize {src_p} to {qname}: {detail}; check that the source is a "
+                "complete F32/F16/BF16 GGUF of a llama.cpp-supported architecture and that the disk has room"
+            )
+        try:
+            out_summary = inspect_gguf(tmp, qname)
+        except QuantizeError as exc:
+            raise QuantizeError(f"quantized output for {dst_p} is unreadable: {exc}") from exc
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        dst_sha = sha256_file(tmp)
+        try:
+            os.replace(tmp, dst_p)
+        except OSError as exc:
+            raise QuantizeError(
+                f"cannot move the quantized file into place at {dst_p}: {exc}; "
+                "check that the destination is writable and not a directory"
+            ) from exc
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+    src_bytes = src_summary.file_bytes
+    dst_bytes = dst_p.stat().st_size
+    return QuantResult(
+        src=str(src_p),
+        dst=str(dst_p),
+        quant_type=qname,
+        ftype=ftype,
+        src_dtype=src_dt,
+        src_sha256=src_sha,
+        dst_sha256=dst_sha,
+        src_bytes=src_bytes,
+        dst_bytes=dst_bytes,
+        size_ratio=dst_bytes / src_bytes if src_bytes else float("nan"),
+        seconds=seconds,
+        total_seconds=time.perf_counter() - t_total,
+        nthread=params.nthread or (os.cpu_count() or 1),
+        params=_params_dict(params),
+        tensor_types=out_summary.type_counts,
+        fallbacks=out_summary.fallbacks,
+        llama_log_tail="".join(log)[-2000:],
+    )
+
+
+def smoke_generate(
+    path: str | os.PathLike[str],
+    prompt: str = "Hello",
+    max_tokens: int = 8,
+    *,
+    n_ctx: int = 256,
+    n_threads: int | None = None,
+) -> dict[str, Any]:
+    """Load a GGUF with llama_cpp.Llama, generate greedily, and report what happened.
+
+    Returns {"tokens", "prompt_tokens", "text", "finish_reason", "load_seconds", "generate_seconds",
+    "seconds"}. Raises QuantizeError if the file does not load.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise QuantizeError(f"GGUF file not found: {p}; quantize or download it first")
+    llama_cpp = _import_llama_cpp()
+    t0 = time.perf_counter()
+    try:
+        llm = llama_cpp.Llama(
+            model_path=str(p), n_ctx=n_ctx, n_threads=n_threads, seed=0, verbose=False
+        )
+    except Exception as exc:
+        raise QuantizeError(f"llama.cpp cannot load {p}: {exc}; the file is corrupt or of an unsupported architecture") from exc
+    t1 = time.perf_counter()
+    try:
+        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
+    finally:
+        t2 = time.perf_counter()
+        try:
+            llm.close()
+        except Exception:  # pragma: no cover
+            pass
+    usage = out.get("usage", {})
+    choice = out["choices"][0]
+    return {
+        "tokens": int(usage.get("completion_tokens", 0)),
+        "prompt_tokens": int(usage.get("prompt_tokens", 0)),
+        "text": choice.get("text", ""),
+        "finish_reason": choice.get("finish_reason"),
+        "load_seconds": t1 - t0,
+        "generate_seconds": t2 - t1,
+        "seconds": t2 - t0,
+    }

@@ -1,0 +1,28 @@
+"""Where the lab inventory and the state live. Pure path arithmetic: nothing here touches the disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LAB = REPO_ROOT / "labs" / "local.yaml"
+
+
+def idp_home() -> Path:
+    """All mutable state (Dagster home, DuckDB, MLflow store, demo vault and caches): $IDP_HOME or .idp/."""
+    return Path(os.environ.get("IDP_HOME") or REPO_ROOT / ".idp").expanduser().absolute()
+
+
+def lab_path() -> Path:
+    """The inventory in use: $IDP_LAB (relative to the current directory) or labs/local.yaml."""
+    raw = os.environ.get("IDP_LAB")
+    return Path(raw).expanduser().absolute() if raw else DEFAULT_LAB
+
+
+def warehouse_path() -> Path:
+    return idp_home() / "warehouse.duckdb"
+
+
+def dagster_home() -> Path:
+    return idp_home() / "dagster"

@@ -1,0 +1,79 @@
+"""The code location loads, and its graph matches the reviewed snapshot (an accidental change shows in review).
+
+After an intended change to assets, checks, jobs, schedules or sensors: UPDATE_SNAPSHOTS=1 make test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from idp_pipelines.settings import REPO_ROOT
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "graph.json"
+
+
+def graph_snapshot(defs: dg.Definitions) -> dict:
+    graph = defs.resolve_asset_graph()
+    assets = {}
+    for key in sorted(graph.get_all_asset_keys(), key=lambda k: k.to_user_string()):
+        node = graph.get(key)
+        assets[key.to_user_string()] = {
+            "group": node.group_name,
+            "kinds": sorted(node.kinds),
+            "deps": sorted(k.to_user_string() for k in node.parent_keys),
+            "partitions": type(node.partitions_def).__name__ if node.partitions_def else None,
+            "pools": sorted(node.pools or []),
+            "automation": str(node.automation_condition.get_label() or node.automation_condition.name)
+            if node.automation_condition else None,
+        }
+    checks = sorted(f"{c.asset_key.to_user_string()}:{c.name}" for c in graph.asset_check_keys)
+    repo = defs.get_repository_def()
+    return {
+        "assets": assets,
+        "checks": checks,
+        "jobs": sorted(j.name for j in repo.get_all_jobs() if not j.name.startswith("__")),
+        "schedules": sorted(s.name for s in repo.schedule_defs),
+        "sensors": sorted(s.name for s in repo.sensor_defs),
+        "resources": sorted(defs.resources or {}),
+    }
+
+
+def test_definitions_load_and_match_snapshot():
+    from idp_pipelines.definitions import build_defs
+
+    defs = build_defs()
+    dg.Definitions.validate_loadable(defs)
+    snap = graph_snapshot(defs)
+    if os.environ.get("UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(json.dumps(snap, indent=2, sort_keys=True) + "\n")
+    assert SNAPSHOT.exists(), f"no snapshot yet: run UPDATE_SNAPSHOTS=1 make test and commit {SNAPSHOT}"
+    assert snap == json.loads(SNAPSHOT.read_text()), "graph changed: review, then UPDATE_SNAPSHOTS=1 make test"
+
+
+def test_dg_check_defs_passes():
+    dg_bin = Path(sys.executable).parent / "dg"
+    out = subprocess.run([str(dg_bin), "check", "defs"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "All definitions loaded successfully" in out.stdout + out.stderr
+
+
+def test_importing_the_code_location_does_no_io_and_stays_light(tmp_path):
+    """Import with IDP_LAB pointing at a missing file and IDP_HOME unwritable: nothing may notice."""
+    code = (
+        "import sys, time; import dagster; t=time.perf_counter(); import idp_pipelines.definitions as d; "
+        "print(time.perf_counter()-t); heavy=[m for m in ('mlflow','duckdb','pandas','huggingface_hub','llama_cpp') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    env = {**os.environ, "IDP_LAB": str(tmp_path / "missing.yaml"), "IDP_HOME": "/proc/nonexistent/idp"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    seconds, heavy = out.stdout.splitlines()
+    assert heavy == "[]"  # heavy libraries are imported inside assets, not at load
+    assert not (tmp_path / "missing.yaml").exists()

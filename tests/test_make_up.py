@@ -1,0 +1,98 @@
+"""`make up` as a user runs it: everything answers, the main job succeeds, a second start leaves the first
+alone, and Ctrl-C stops every process it started."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import httpx
+import psutil
+import pytest
+
+from idp_pipelines.settings import REPO_ROOT
+from tests.support import free_port, write_lab
+
+pytestmark = pytest.mark.slow
+
+
+def _read_until(proc: subprocess.Popen, pattern: str, timeout_s: float, lines: list[str]) -> re.Match:
+    deadline = time.monotonic() + timeout_s
+    rx = re.compile(pattern)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if m := rx.search(line):
+            return m
+    raise AssertionError(f"{pattern!r} not seen within {timeout_s} s; output:\n" + "".join(lines))
+
+
+def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
+    llama, mlflow, dagster = free_port(), free_port(), free_port()
+    lab = write_lab(tmp_path / "lab.yaml", endpoint_url=f"http://127.0.0.1:{llama}",
+                    mlflow_url=f"http://127.0.0.1:{mlflow}")
+    env = {**os.environ, "IDP_HOME": str(tmp_path / "home"), "IDP_LAB": str(lab), "IDP_DAGSTER_PORT": str(dagster),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["make", "-s", "up"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        _read_until(proc, r"Ctrl-C stops everything", 400, lines)
+        out = "".join(lines)
+        pids = [int(p) for p in re.findall(r"\(pid (\d+),", out)]
+        assert len(pids) == 3
+        for url in (f"http://127.0.0.1:{llama}/v1/models", f"http://127.0.0.1:{mlflow}/health",
+                    f"http://127.0.0.1:{dagster}/server_info"):
+            assert url.rsplit("/", 1)[0] in out  # the URL is printed
+            assert httpx.get(url, timeout=10).status_code == 200
+
+        # the main job was submitted and materialises against the embedded llama.cpp server
+        run_id = re.search(r"main job run\s+\S+/runs/([0-9a-f-]+)", out).group(1)
+        from dagster_graphql import DagsterGraphQLClient
+
+        client = DagsterGraphQLClient("127.0.0.1", port_number=dagster)
+        deadline = time.monotonic() + 240
+        status = None
+        while time.monotonic() < deadline:
+            status = client.get_run_status(run_id).value
+            if status in ("SUCCESS", "FAILURE", "CANCELED"):
+                break
+            time.sleep(1)
+        assert status == "SUCCESS"
+
+        # running it twice must not break the first
+        second = subprocess.run(["make", "-s", "up"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                                timeout=300)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "already running" in second.stdout and f"http://127.0.0.1:{dagster}" in second.stdout
+        assert httpx.get(f"http://127.0.0.1:{llama}/v1/models", timeout=10).status_code == 200
+
+        # Ctrl-C: SIGINT to the whole foreground group, as a terminal does
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+        rest = proc.stdout.read()
+        assert "stopped." in rest
+        time.sleep(0.5)
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert alive == []
+        leftovers = [p.info["pid"] for p in psutil.process_iter(["pid", "environ"])
+                     if (p.info.get("environ") or {}).get("IDP_HOME") == env["IDP_HOME"]]
+        assert leftovers == []
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{dagster}/server_info", timeout=5)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in psutil.process_iter(["pid", "environ"]):
+            try:
+                if (p.info.get("environ") or {}).get("IDP_HOME") == env["IDP_HOME"]:
+                    p.kill()
+            except psutil.Error:
+                pass
