@@ -35,7 +35,7 @@ def main() -> None:
         os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
         os.environ.pop("HF_TOKEN", None)
 
-        from tests.hubserver import HubServer
+        from idp_pipelines.embedded.hubserver import HubServer
 
         from idp_pipelines.hub import download_model, hash_file
 

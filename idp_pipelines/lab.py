@@ -165,6 +165,10 @@ class MLflow(_Strict):
 class Hub(_Strict):
     endpoint: HttpUrl = "https://huggingface.co"
     token_env: EnvVarName = "HF_TOKEN"
+    max_workers: int = Field(default=8, ge=1, le=64)
+    embedded: bool = False  # `make up` serves the lab's generated models from a local Hub-compatible server
+    # How often the sensor asks the Hub whether a branch-tracked model moved.
+    poll_interval_s: int = Field(default=3600, ge=30)
 
 
 class Schedules(_Strict):

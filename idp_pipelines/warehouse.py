@@ -52,6 +52,81 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         CREATE INDEX endpoint_probes_endpoint_time ON endpoint_probes (endpoint, probed_at);
         """,
     ),
+    (
+        2,
+        "model downloads and quantizations",
+        """
+        CREATE TABLE model_downloads (
+            downloaded_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            model VARCHAR NOT NULL,
+            repo_id VARCHAR NOT NULL,
+            revision VARCHAR NOT NULL,
+            commit_sha VARCHAR NOT NULL,
+            files INTEGER NOT NULL,
+            bytes BIGINT NOT NULL,
+            bytes_downloaded BIGINT NOT NULL,
+            seconds DOUBLE NOT NULL,
+            mb_per_s DOUBLE,
+            snapshot_path VARCHAR NOT NULL
+        );
+        CREATE TABLE quantizations (
+            quantized_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            model VARCHAR NOT NULL,
+            commit_sha VARCHAR NOT NULL,
+            source_file VARCHAR NOT NULL,
+            source_sha256 VARCHAR NOT NULL,
+            source_dtype VARCHAR NOT NULL,
+            quant_type VARCHAR NOT NULL,
+            output_path VARCHAR NOT NULL,
+            output_sha256 VARCHAR NOT NULL,
+            output_bytes BIGINT NOT NULL,
+            size_ratio DOUBLE NOT NULL,
+            seconds DOUBLE NOT NULL,
+            fallbacks INTEGER NOT NULL,
+            params JSON,
+            reused BOOLEAN NOT NULL
+        );
+        """,
+    ),
+    (
+        3,
+        "model cache inventory",
+        """
+        CREATE TABLE model_cache_scans (
+            scanned_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            cache_dir VARCHAR NOT NULL,
+            total_bytes BIGINT NOT NULL,
+            snapshot_bytes BIGINT NOT NULL,
+            budget_bytes BIGINT,
+            repos INTEGER NOT NULL,
+            revisions INTEGER NOT NULL,
+            files INTEGER NOT NULL,
+            orphaned_bytes BIGINT NOT NULL,
+            incomplete_bytes BIGINT NOT NULL,
+            unused_bytes BIGINT NOT NULL
+        );
+        CREATE TABLE model_cache_files (
+            scanned_at TIMESTAMPTZ NOT NULL,
+            repo_id VARCHAR NOT NULL,
+            repo_type VARCHAR,
+            commit_sha VARCHAR NOT NULL,
+            refs VARCHAR[],
+            path VARCHAR NOT NULL,
+            size BIGINT NOT NULL,
+            blob_path VARCHAR,
+            hash VARCHAR,
+            algo VARCHAR,
+            verified BOOLEAN,
+            used BOOLEAN,
+            last_modified TIMESTAMPTZ,
+            last_accessed TIMESTAMPTZ
+        );
+        CREATE INDEX model_cache_files_scan ON model_cache_files (scanned_at);
+        """,
+    ),
 ]
 
 

@@ -75,7 +75,7 @@ def llama_server(model: Path, log: Path, *, alias: str = "tiny-llama", n_ctx: in
 
 
 def write_lab(path: Path, *, endpoint_url: str | None = None, mlflow_url: str | None = None,
-              extra: dict | None = None) -> Path:
+              hub_url: str | None = None, extra: dict | None = None) -> Path:
     """labs/local.yaml with its embedded services moved to other ports (tests run beside `make up`)."""
     data = yaml.safe_load((REPO_ROOT / "labs" / "local.yaml").read_text())
     data["git_repos"][0]["path"] = str(REPO_ROOT)
@@ -83,6 +83,8 @@ def write_lab(path: Path, *, endpoint_url: str | None = None, mlflow_url: str | 
         data["endpoints"][0]["base_url"] = endpoint_url
     if mlflow_url:
         data["mlflow"]["tracking_uri"] = mlflow_url
+    if hub_url:
+        data["hub"]["endpoint"] = hub_url
     for key, value in (extra or {}).items():
         data[key] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -47,14 +47,27 @@ def graph_snapshot(defs: dg.Definitions) -> dict:
 
 def test_definitions_load_and_match_snapshot():
     from idp_pipelines.definitions import build_defs
+    from idp_pipelines.lab import load_lab
 
-    defs = build_defs()
+    defs = build_defs(load_lab(REPO_ROOT / "labs" / "local.yaml"))
     dg.Definitions.validate_loadable(defs)
     snap = graph_snapshot(defs)
     if os.environ.get("UPDATE_SNAPSHOTS"):
         SNAPSHOT.write_text(json.dumps(snap, indent=2, sort_keys=True) + "\n")
     assert SNAPSHOT.exists(), f"no snapshot yet: run UPDATE_SNAPSHOTS=1 make test and commit {SNAPSHOT}"
     assert snap == json.loads(SNAPSHOT.read_text()), "graph changed: review, then UPDATE_SNAPSHOTS=1 make test"
+
+
+def test_the_seed_lab_builds_the_same_graph_with_its_own_partitions():
+    from idp_pipelines.definitions import build_defs
+    from idp_pipelines.lab import load_lab
+
+    defs = build_defs(load_lab(REPO_ROOT / "labs" / "schlimers.yaml"))
+    dg.Definitions.validate_loadable(defs)
+    snap = graph_snapshot(defs)
+    assert snap == json.loads(SNAPSHOT.read_text())  # same graph, whatever the inventory
+    hub_model = defs.resolve_asset_graph().get(dg.AssetKey("hub_model"))
+    assert hub_model.partitions_def.get_partition_keys() == ["llama-3.1-8b-fp8", "llama-3.2-3b-q4", "llama-3.2-1b-q4"]
 
 
 def test_dg_check_defs_passes():

@@ -1,4 +1,4 @@
-"""`make up` as a user runs it: everything answers, the main job succeeds, a second start leaves the first
+"""`make up` as a user runs it: everything answers, every asset materialises, a second start leaves the first
 alone, and Ctrl-C stops every process it started."""
 
 from __future__ import annotations
@@ -34,10 +34,35 @@ def _read_until(proc: subprocess.Popen, pattern: str, timeout_s: float, lines: l
     raise AssertionError(f"{pattern!r} not seen within {timeout_s} s; output:\n" + "".join(lines))
 
 
+def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
+    r = httpx.post(f"http://127.0.0.1:{port}/graphql", json={"query": query, "variables": variables or {}}, timeout=30)
+    r.raise_for_status()
+    return r.json()["data"]
+
+
+def _backfill_status(port: int, backfill_id: str, timeout_s: float) -> str:
+    query = "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        status = _graphql(port, query, {"id": backfill_id})["partitionBackfillOrError"].get("status")
+        if status not in (None, "REQUESTED", "CANCELING", "FAILING"):
+            return status
+        time.sleep(2)
+    return f"still {status} after {timeout_s} s"
+
+
+def _asset_materialized(port: int, path: list[str], partition: str) -> bool:
+    query = ("query($key: AssetKeyInput!, $p: [String!]) { assetOrError(assetKey: $key) { ... on Asset { "
+             "assetMaterializations(partitions: $p, limit: 1) { partition } } } }")
+    data = _graphql(port, query, {"key": {"path": path}, "p": [partition]})
+    return bool(data["assetOrError"]["assetMaterializations"])
+
+
 def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
-    llama, mlflow, dagster = free_port(), free_port(), free_port()
+    llama, mlflow, dagster, hub = free_port(), free_port(), free_port(), free_port()
     lab = write_lab(tmp_path / "lab.yaml", endpoint_url=f"http://127.0.0.1:{llama}",
-                    mlflow_url=f"http://127.0.0.1:{mlflow}")
+                    mlflow_url=f"http://127.0.0.1:{mlflow}", hub_url=f"http://127.0.0.1:{hub}")
     env = {**os.environ, "IDP_HOME": str(tmp_path / "home"), "IDP_LAB": str(lab), "IDP_DAGSTER_PORT": str(dagster),
            "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(["make", "-s", "up"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
@@ -47,25 +72,16 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
         _read_until(proc, r"Ctrl-C stops everything", 400, lines)
         out = "".join(lines)
         pids = [int(p) for p in re.findall(r"\(pid (\d+),", out)]
-        assert len(pids) == 3
+        assert len(pids) == 4
         for url in (f"http://127.0.0.1:{llama}/v1/models", f"http://127.0.0.1:{mlflow}/health",
-                    f"http://127.0.0.1:{dagster}/server_info"):
-            assert url.rsplit("/", 1)[0] in out  # the URL is printed
+                    f"http://127.0.0.1:{dagster}/server_info", f"http://127.0.0.1:{hub}/api/models/idp-local/tiny-llama"):
+            assert url.split("/")[2] in out  # its host:port is printed
             assert httpx.get(url, timeout=10).status_code == 200
 
-        # the main job was submitted and materialises against the embedded llama.cpp server
-        run_id = re.search(r"main job run\s+\S+/runs/([0-9a-f-]+)", out).group(1)
-        from dagster_graphql import DagsterGraphQLClient
-
-        client = DagsterGraphQLClient("127.0.0.1", port_number=dagster)
-        deadline = time.monotonic() + 240
-        status = None
-        while time.monotonic() < deadline:
-            status = client.get_run_status(run_id).value
-            if status in ("SUCCESS", "FAILURE", "CANCELED"):
-                break
-            time.sleep(1)
-        assert status == "SUCCESS"
+        # the main job (every asset, every partition) materialises end to end against the embedded lab
+        backfill = re.search(r"first materialisation\s+\S+/runs/b/(\w+)", out).group(1)
+        assert _backfill_status(dagster, backfill, timeout_s=300) == "COMPLETED_SUCCESS"
+        assert _asset_materialized(dagster, ["gguf_model"], "tiny-llama")
 
         # running it twice must not break the first
         second = subprocess.run(["make", "-s", "up"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,

@@ -5,23 +5,10 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
+from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import LabResource, WarehouseResource
 
 ENDPOINTS_UP = "required_endpoints_up"
-
-
-def _md_table(rows: list[dict], cols: list[str]) -> str:
-    def cell(v: object) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.2f}"
-        if isinstance(v, list):
-            v = ", ".join(map(str, v))
-        return str(v).replace("|", "\\|").replace("\n", " ")
-
-    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
-    return head + "".join("| " + " | ".join(cell(r.get(c)) for c in cols) + " |\n" for r in rows)
 
 
 @dg.asset(
@@ -60,7 +47,7 @@ def inference_endpoints(context: dg.AssetExecutionContext, lab: LabResource,
             + (f" ({r.error})" if r.error else "")
         )
     down = [r for r in results if r.required and not r.up]
-    table = _md_table(rows, ["endpoint", "kind", "host", "up", "status_code", "served_models", "model_served",
+    table = md_table(rows, ["endpoint", "kind", "host", "up", "status_code", "served_models", "model_served",
                              "rtt_p50_ms", "error"])
     return dg.MaterializeResult(
         metadata={

@@ -1,4 +1,4 @@
-"""A local Hugging Face Hub-compatible HTTP server for tests and benchmarks.
+"""A local Hugging Face Hub-compatible HTTP server: the embedded lab's Hub, and the tests'.
 
 It implements exactly the endpoints huggingface_hub 2.4.0 calls for `model_info`/`repo_info`,
 `list_repo_tree`, `get_paths_info`, `snapshot_download` and `hf_hub_download` (plain HTTP, no Xet):
@@ -134,7 +134,9 @@ class _Fault:
 class HubServer:
     """Hub-compatible server on 127.0.0.1:<free port>; use as a context manager."""
 
-    def __init__(self, *, tokens: tuple[str, ...] = (DEFAULT_TOKEN,), tree_page_size: int = 1000) -> None:
+    def __init__(self, *, tokens: tuple[str, ...] = (DEFAULT_TOKEN,), tree_page_size: int = 1000,
+                 port: int = 0) -> None:
+        self.port = port
         self.tokens = set(tokens)
         self.tree_page_size = tree_page_size
         self.repos: dict[str, HubRepo] = {}
@@ -150,7 +152,7 @@ class HubServer:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def start(self) -> HubServer:
-        self._httpd = _Server(("127.0.0.1", 0), _Handler, self)
+        self._httpd = _Server(("127.0.0.1", self.port), _Handler, self)
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="hubserver", daemon=True
         )
@@ -619,3 +621,32 @@ def _parse_range(header: str, size: int) -> tuple[int, int] | None:
     if start >= size or start >= end:
         return None
     return start, end
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve directories as Hub repos until SIGTERM/SIGINT: the embedded lab's stand-in for the Hub."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--repo", action="append", default=[], metavar="OWNER/NAME=DIR",
+                        help="serve DIR's files as one commit on main of OWNER/NAME (repeatable)")
+    args = parser.parse_args(argv)
+    server = HubServer(port=args.port)
+    for spec in args.repo:
+        repo_id, _, directory = spec.partition("=")
+        sha = server.create_repo_from_dir(repo_id, Path(directory))
+        print(f"{repo_id}@{sha} from {directory}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    with server:
+        print(f"LISTENING {server.url}", flush=True)
+        stop.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """`idp up`: start the embedded lab (llama.cpp server, MLflow server, Dagster) and keep it running.
 
 Each service runs in its own process group with its log under $IDP_HOME/logs. The launcher waits until
-every service answers, prints the URLs, submits one run of the main job, and on Ctrl-C (SIGINT) or
+every service answers, prints the URLs, starts the main job (a backfill of every asset and every
+partition, what the UI's "Materialize all" does), and on Ctrl-C (SIGINT) or
 SIGTERM stops everything it started. A second `idp up` on the same IDP_HOME finds the first one's lock,
 prints its URLs and leaves it alone.
 """
@@ -77,6 +78,20 @@ def ensure_tiny_model(home: Path) -> Path:
     return path
 
 
+def ensure_hub_repos(lab: Lab, home: Path) -> dict[str, Path]:
+    """The embedded Hub serves each generated model as a repo: the tiny model, as one F32 GGUF."""
+    repos: dict[str, Path] = {}
+    model_file = ensure_tiny_model(home)
+    for model in lab.models:
+        folder = home / "embedded" / "hub" / model.name
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / model_file.name
+        if not target.exists():
+            os.link(model_file, target)
+        repos[model.repo_id] = folder
+    return repos
+
+
 def ensure_dagster_home(home: Path) -> Path:
     dh = home / "dagster"
     dh.mkdir(parents=True, exist_ok=True)
@@ -102,6 +117,16 @@ def plan_services(lab: Lab, home: Path, dagster_port: int) -> list[Service]:
                   "--n_ctx", str(ep.settings.get("ctx_size", 512)),
                   "--n_threads", str(ep.settings.get("threads", 2))],
             ready_url=f"{ep.base_url}/v1/models", ui_url=f"{ep.base_url}/v1",
+        ))
+    if lab.hub.embedded:
+        host, port = _host_port(lab.hub.endpoint)
+        repos = ensure_hub_repos(lab, home)
+        services.append(Service(
+            name="Hub (local)",
+            argv=[py, "-m", "idp_pipelines.embedded.hubserver", "--port", str(port),
+                  *[arg for repo_id, folder in repos.items() for arg in ("--repo", f"{repo_id}={folder}")]],
+            ready_url=f"{lab.hub.endpoint}/api/models/{next(iter(repos))}" if repos else lab.hub.endpoint,
+            ui_url=lab.hub.endpoint,
         ))
     if lab.mlflow.embedded:
         host, port = _host_port(lab.mlflow.tracking_uri)
@@ -195,20 +220,28 @@ class Stack:
                                  f"see the logs under {self.home / 'logs'}.")
             time.sleep(0.5)
 
-    def launch_main_job(self) -> str | None:
-        """Submit one run of the main job through Dagster's GraphQL API (what the UI's button does)."""
+    def launch_everything(self) -> str | None:
+        """Backfill every asset, every partition (the UI's "Materialize all"); returns the backfill id."""
         from dagster_graphql import DagsterGraphQLClient
+        from dagster_graphql.client.query import LAUNCH_PARTITION_BACKFILL_MUTATION
 
-        from idp_pipelines.definitions import MAIN_JOB
+        from idp_pipelines.definitions import build_defs
 
+        keys = build_defs(load_lab(self.lab_path)).resolve_asset_graph().get_all_asset_keys()
+        params = {"assetSelection": [{"path": list(k.path)} for k in sorted(keys, key=str)],
+                  "allPartitions": True, "title": "make up: every asset of the lab"}
         client = DagsterGraphQLClient("127.0.0.1", port_number=self.dagster_port)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
             try:
-                return client.submit_job_execution(MAIN_JOB)
+                res = client._execute(LAUNCH_PARTITION_BACKFILL_MUTATION, {"backfillParams": params})
+                out = res["launchPartitionBackfill"]
+                if out["__typename"] == "LaunchBackfillSuccess":
+                    return out["backfillId"]
+                raise RuntimeError(out.get("message") or out)
             except Exception as exc:  # the code location may still be loading
                 if time.monotonic() > deadline:
-                    self.out(f"could not submit {MAIN_JOB}: {exc}")
+                    self.out(f"could not launch the backfill of every asset: {exc}")
                     return None
                 time.sleep(1.0)
 
@@ -278,9 +311,9 @@ def up(*, lab_path: Path | None = None, home: Path | None = None, dagster_port: 
         for name, url in urls.items():
             print(f"  {name:<22} {url}")
         if run_main_job:
-            run_id = stack.launch_main_job()
-            if run_id:
-                print(f"  main job run           {urls['Dagster']}/runs/{run_id}")
+            backfill = stack.launch_everything()
+            if backfill:
+                print(f"  first materialisation  {urls['Dagster']}/runs/b/{backfill}")
         print("Ctrl-C stops everything.", flush=True)
         return stack.supervise()
     except StackError as exc:

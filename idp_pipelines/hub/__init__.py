@@ -8,6 +8,7 @@ from .download import (
     cache_size,
     check_space,
     download_model,
+    local_snapshot,
     plan_download,
     resolve_revision,
 )
@@ -23,6 +24,7 @@ __all__ = [
     "cache_size",
     "check_space",
     "download_model",
+    "local_snapshot",
     "hash_file",
     "plan_download",
     "resolve_revision",

@@ -527,3 +527,26 @@ def _write_ref(storage: Path, revision: str, sha: str) -> None:
         os.replace(tmp, ref)
     except OSError:
         pass  # best effort, as in huggingface_hub: a read-only cache still serves the snapshot by sha
+
+
+def local_snapshot(cache_dir: str | Path, repo_id: str, revision: str | None) -> tuple[str, Path]:
+    """The (sha, snapshot folder) a finished download left in the cache, without asking the Hub."""
+    storage = _storage_folder(Path(cache_dir).expanduser().absolute(), repo_id)
+    revision = revision or "main"
+    if _SHA_RE.match(revision):
+        sha = revision
+    else:
+        ref = storage / "refs" / revision
+        if not ref.is_file():
+            raise HubError(
+                f"'{repo_id}' at '{revision}' is not in the model cache {cache_dir} yet. "
+                "Fix: materialise its hub_model partition first."
+            )
+        sha = ref.read_text().strip()
+    snapshot = storage / "snapshots" / sha
+    if not snapshot.is_dir():
+        raise HubError(
+            f"The snapshot {snapshot} of '{repo_id}'@{sha} is missing from the model cache. "
+            "Fix: materialise its hub_model partition again."
+        )
+    return sha, snapshot

@@ -14,7 +14,7 @@ import pytest
 from idp_pipelines.hub import HubError, check_space, download_model, hash_file, plan_download, resolve_revision
 from idp_pipelines.hub import download as download_mod
 
-from tests.hubserver import DEFAULT_TOKEN as TOKEN
+from idp_pipelines.embedded.hubserver import DEFAULT_TOKEN as TOKEN
 
 REPO = "lab/tiny-model"
 
@@ -118,7 +118,7 @@ def test_rerun_with_nothing_new_downloads_and_hashes_nothing(hub, cache_dir):
 
 
 def test_plan_download_sizes_hashes_and_patterns(cache_dir):
-    from tests.hubserver import HubServer
+    from idp_pipelines.embedded.hubserver import HubServer
 
     # A page size of 2 makes huggingface_hub follow the Link header, as with big repos on the Hub.
     with HubServer(tree_page_size=2) as hub:
