@@ -27,6 +27,57 @@ def _up(args: argparse.Namespace) -> int:
               run_main_job=not args.no_run)
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from idp_pipelines import settings
+    from idp_pipelines.bench.client import BenchError
+    from idp_pipelines.bench.suite import run_endpoint
+    from idp_pipelines.lab import LabError, load_lab
+    from idp_pipelines.markdown import md_cell
+    from idp_pipelines.warehouse import Warehouse
+
+    try:
+        lab = load_lab(args.lab)
+        names = [e.name for e in lab.endpoints]
+        if args.endpoint not in names:
+            print(f"unknown endpoint {args.endpoint!r}; the lab has: {', '.join(names)}", file=sys.stderr)
+            return 2
+        concurrency = [int(c) for c in args.concurrency.split(",")] if args.concurrency else None
+    except (LabError, ValueError) as exc:
+        print(exc if isinstance(exc, LabError) else f"--concurrency: {exc}", file=sys.stderr)
+        return 2
+    bars: dict[str, tqdm] = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        bar = bars.get(step)
+        if bar is None:
+            bar = bars[step] = tqdm(total=total, desc=f"{args.endpoint} {step}", unit="req", leave=True)
+        bar.n = done
+        bar.refresh()
+        if done >= total:
+            bar.close()
+
+    try:
+        out = run_endpoint(lab, args.endpoint, Warehouse(settings.warehouse_path()), trigger="cli",
+                           concurrency=concurrency, requests_per_step=args.requests, max_tokens=args.max_tokens,
+                           progress=progress)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: the steps already measured are in the warehouse", file=sys.stderr)
+        return 130
+    cols = ["concurrency", "n_ok", "n_requests", "ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50", "e2e_ms_p95",
+            "output_tokens_per_s", "error_rate"]
+    widths = [max(len(c), 10) for c in cols]
+    print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
+    for row in out.steps:
+        print("  ".join(md_cell(row.get(c)).rjust(w) for c, w in zip(cols, widths)))
+    print(f"run {out.run_id} ({out.status}) stored in {settings.warehouse_path()}")
+    return 0
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from idp_pipelines.embedded.tiny_model import write_tiny_gguf
 
@@ -47,6 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("lab-check", help="validate a lab inventory")
     p.add_argument("path", nargs="?", default=None)
     p.set_defaults(fn=_lab_check)
+
+    p = sub.add_parser("bench", help="benchmark one endpoint of the lab now (same harness and tables as the asset)")
+    p.add_argument("endpoint")
+    p.add_argument("--concurrency", help="comma-separated sweep, e.g. 1,8,32 (default: from lab.yaml)")
+    p.add_argument("--requests", type=int, default=None, help="requests per step (default: from lab.yaml)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--lab", default=None, help="lab inventory (default: $IDP_LAB or labs/local.yaml)")
+    p.set_defaults(fn=_bench)
 
     p = sub.add_parser("tiny-model", help="write the tiny deterministic GGUF model")
     p.add_argument("out")

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from idp_pipelines import settings
-from idp_pipelines.assets import endpoints, models
+from idp_pipelines.assets import benchmarks, endpoints, knowledge, models, tracking
 from idp_pipelines.lab import Lab, load_lab
 from idp_pipelines.resources import HubResource, LabResource, MLflowResource, WarehouseResource
 
@@ -23,6 +23,9 @@ def build_defs(lab: Lab) -> dg.Definitions:
     return dg.Definitions.merge(
         endpoints.defs(),
         models.build(lab),
+        benchmarks.build(lab),
+        knowledge.build(lab),
+        tracking.build(lab),
         dg.Definitions(resources=resources()),
     )
 

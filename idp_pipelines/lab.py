@@ -69,6 +69,7 @@ class Cpu(_Strict):
     cores: int = Field(ge=1)
     threads: int = Field(ge=1)
     inference_threads: int | None = Field(default=None, ge=1)
+    memory_bandwidth_gb_s: float | None = Field(default=None, gt=0)
 
 
 class Host(_Strict):
@@ -103,6 +104,7 @@ class Endpoint(_Strict):
     metrics_path: str | None = "/metrics"
     settings: dict[str, int | float | str | bool] = Field(default_factory=dict)
     slo: Slo = Field(default_factory=Slo)
+    concurrency: list[int] | None = None  # the sweep for this endpoint (default: benchmarks.concurrency)
 
     @field_validator("base_url")
     @classmethod
@@ -171,6 +173,26 @@ class Hub(_Strict):
     poll_interval_s: int = Field(default=3600, ge=30)
 
 
+class Benchmarks(_Strict):
+    """How endpoints are benchmarked (nightly, on changes, or by `idp bench`)."""
+
+    api: Literal["completions", "chat"] = "completions"
+    prompt_set: Literal["default", "short", "long"] = "default"
+    concurrency: list[Annotated[int, Field(ge=1, le=1024)]] = Field(default_factory=lambda: [1, 4, 8, 16, 32],
+                                                                  min_length=1)
+    requests_per_step: int = Field(default=64, ge=1)
+    warmup_requests: int = Field(default=2, ge=0)
+    max_tokens: int = Field(default=128, ge=1)
+    ignore_eos: bool = True        # pin the output length where the engine allows it
+    cache_bust: bool = True        # a unique prefix per request: measure compute, not the prefix cache
+    max_step_duration_s: float = Field(default=300, gt=0)
+    request_timeout_s: float = Field(default=120, gt=0)
+    regression_tolerance: float = Field(default=0.15, gt=0, lt=1)
+    baseline_runs: int = Field(default=7, ge=1)
+    debounce_s: int = Field(default=300, ge=0)
+    rpc_probes: int = Field(default=400, ge=10)
+
+
 class Schedules(_Strict):
     timezone: str = "UTC"
     benchmarks_cron: str = "0 2 * * *"
@@ -204,6 +226,7 @@ class Lab(_Strict):
     mlflow: MLflow
     hub: Hub = Field(default_factory=Hub)
     schedules: Schedules = Field(default_factory=Schedules)
+    benchmarks: Benchmarks = Field(default_factory=Benchmarks)
     expectations: list[Expectation] = Field(default_factory=list)
 
     def host(self, name: str) -> Host:

@@ -64,7 +64,9 @@ def llama_server(model: Path, log: Path, *, alias: str = "tiny-llama", n_ctx: in
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-             "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx), "--n_threads", "1"],
+             "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx), "--n_threads", "1",
+             # by default a new request aborts the one streaming (see embedded/stack.py)
+             "--interrupt_requests", "False"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:

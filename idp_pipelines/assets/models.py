@@ -9,6 +9,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from idp_pipelines.assets.common import FOLLOW_UPDATES
 from idp_pipelines.lab import Lab
 from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import HubResource, LabResource, WarehouseResource
@@ -228,7 +229,7 @@ CACHE_UNUSED = "no_unused_revisions"
     group_name="models",
     kinds={"huggingface", "duckdb"},
     deps=[dg.AssetKey("hub_model")],
-    automation_condition=dg.AutomationCondition.eager(),
+    automation_condition=FOLLOW_UPDATES,
     description="Every repo, revision, file, size and hash in the model cache, against its size budget.",
     check_specs=[
         dg.AssetCheckSpec(CACHE_BUDGET, asset="model_cache_inventory", description="The cache fits its budget_gb."),

@@ -76,8 +76,9 @@ def length_control_params(
 ) -> dict[str, Any]:
     """Request fields that pin the output length on the given engine.
 
-    vLLM takes ``ignore_eos`` and ``min_tokens`` as extra sampling params; llama.cpp's
-    server takes ``ignore_eos`` (its README lists no ``min_tokens``); OpenAI takes neither.
+    vLLM takes ``ignore_eos`` and ``min_tokens`` as extra sampling params; llama.cpp's C++ server
+    takes ``ignore_eos`` and llama-cpp-python's server ``min_tokens`` (each ignores the other's
+    field, so both are sent); OpenAI takes neither.
     """
     params: dict[str, Any] = {"max_tokens": max_tokens}
     if engine in ("vllm", "synthetic"):
@@ -89,7 +90,7 @@ def length_control_params(
         if ignore_eos:
             params["ignore_eos"] = True
         if min_tokens is not None:
-            raise BenchError("min_tokens is not supported by the llama.cpp server; use ignore_eos")
+            params["min_tokens"] = min_tokens
     elif ignore_eos or min_tokens is not None:
         raise BenchError(
             f"engine {engine!r} cannot force the output length (ignore_eos/min_tokens); "
@@ -379,6 +380,12 @@ class BenchClient:
             rec.server_reported_tokens = True
         elif state is not None and state.timings_completion is not None:
             rec.completion_tokens, rec.token_source = state.timings_completion, "timings"
+            rec.server_reported_tokens = True
+        elif rec.finish_reason == "length" and rec.max_tokens and rec.error is None:
+            # No usage (llama-cpp-python streams none), but the server says it stopped at max_tokens:
+            # that count is exact, while content chunks undercount (tokens that end mid-UTF-8 stream
+            # no text: 9-13 chunks for 16 tokens on the tiny model).
+            rec.completion_tokens, rec.token_source = rec.max_tokens, "finish_reason"
             rec.server_reported_tokens = True
         else:
             rec.completion_tokens, rec.token_source = rec.content_chunks, "chunks"

@@ -115,7 +115,10 @@ def plan_services(lab: Lab, home: Path, dagster_port: int) -> list[Service]:
             argv=[py, "-m", "llama_cpp.server", "--model", str(model), "--host", host, "--port", str(port),
                   "--model_alias", ep.served_model_name or ep.model or "model",
                   "--n_ctx", str(ep.settings.get("ctx_size", 512)),
-                  "--n_threads", str(ep.settings.get("threads", 2))],
+                  "--n_threads", str(ep.settings.get("threads", 2)),
+                  # llama-cpp-python's default aborts the streaming request whenever another one
+                  # arrives: at concurrency 2, 88 % of requests died mid-stream. Queue them instead.
+                  "--interrupt_requests", "False"],
             ready_url=f"{ep.base_url}/v1/models", ui_url=f"{ep.base_url}/v1",
         ))
     if lab.hub.embedded:
@@ -227,7 +230,7 @@ class Stack:
 
         from idp_pipelines.definitions import build_defs
 
-        keys = build_defs(load_lab(self.lab_path)).resolve_asset_graph().get_all_asset_keys()
+        keys = build_defs(load_lab(self.lab_path)).resolve_asset_graph().materializable_asset_keys
         params = {"assetSelection": [{"path": list(k.path)} for k in sorted(keys, key=str)],
                   "allPartitions": True, "title": "make up: every asset of the lab"}
         client = DagsterGraphQLClient("127.0.0.1", port_number=self.dagster_port)

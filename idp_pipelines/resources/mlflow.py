@@ -28,6 +28,8 @@ class MLflowResource(dg.ConfigurableResource):
 
     lab: LabResource
     tracking_uri: Optional[str] = None
+    # Prepended to experiment names ("benchmarks/<endpoint>", "quantizations"): two labs sharing one server.
+    experiment_prefix: str = ""
 
     def uri(self) -> str:
         return check_tracking_uri(self.tracking_uri or self.lab.load().mlflow.tracking_uri)

@@ -37,12 +37,22 @@ def test_multi_token_chunks_are_counted_from_server_usage(server):
 
 
 def test_without_usage_tokens_fall_back_to_chunks_and_are_flagged(server):
-    step = run(endpoint(server, usage="none", tokens_per_chunk=4),
-               workload=Workload(max_tokens=16, ignore_eos=True))
+    # stopped by EOS before max_tokens, no usage: only the chunks are left to count, and it says so
+    step = run(endpoint(server, usage="none", tokens_per_chunk=4, eos_after=8),
+               workload=Workload(max_tokens=16))
     for r in step.records:
         assert not r.server_reported_tokens and r.token_source == "chunks"
-        assert r.completion_tokens == 4  # undercount a consumer can see through the flag
+        assert r.completion_tokens == 2  # undercount a consumer can see through the flag
     assert step.summary()["server_reported_tokens_fraction"] == 0.0
+
+
+def test_without_usage_a_length_stop_gives_the_exact_count(server):
+    # llama-cpp-python streams no usage, but finish_reason "length" means exactly max_tokens were made
+    step = run(endpoint(server, usage="none", tokens_per_chunk=4), workload=Workload(max_tokens=16, ignore_eos=True))
+    for r in step.records:
+        assert r.finish_reason == "length" and r.token_source == "finish_reason"
+        assert r.completion_tokens == 16 and r.server_reported_tokens
+    assert step.summary()["length_honoured_fraction"] == 1.0
 
 
 def test_usage_only_in_last_chunk_is_read(server):
@@ -131,8 +141,9 @@ def test_length_control_and_honoured_check(server):
     assert length_control_params("vllm", 8, True, 8) == {"max_tokens": 8, "ignore_eos": True,
                                                          "min_tokens": 8}
     assert length_control_params("llamacpp", 8, True, None) == {"max_tokens": 8, "ignore_eos": True}
-    with pytest.raises(BenchError, match="min_tokens"):
-        length_control_params("llamacpp", 8, False, 8)
+    # llama-cpp-python's server honours min_tokens (the C++ server ignores it and takes ignore_eos)
+    assert length_control_params("llamacpp", 8, True, 8) == {"max_tokens": 8, "ignore_eos": True,
+                                                             "min_tokens": 8}
     with pytest.raises(BenchError, match="cannot force"):
         length_control_params("openai", 8, True, None)
 

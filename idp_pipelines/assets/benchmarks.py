@@ -1,0 +1,316 @@
+"""Benchmarks: sweeps of every endpoint into DuckDB, RPC latency per host, tuning and the findings report."""
+
+import hashlib
+import json
+import time
+from datetime import datetime, timezone
+
+import dagster as dg
+
+from idp_pipelines.assets.common import FOLLOW_UPDATES
+from idp_pipelines.lab import Lab
+from idp_pipelines.markdown import md_table
+from idp_pipelines.resources import LabResource, WarehouseResource
+from idp_pipelines.settings import idp_home
+
+NO_REGRESSION = "no_regression_against_baseline"
+SANE = "sane_results"
+TRIGGER_TAG = "idp/trigger"
+
+
+
+class _Progress:
+    def __init__(self, log, every_s: float = 10.0) -> None:
+        self.log, self.every_s, self.last = log, every_s, 0.0
+
+    def __call__(self, step: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.every_s or done == total:
+            self.last = now
+            self.log.info(f"step {step}: {done}/{total} requests")
+
+
+def findings_path(run_id: str):
+    """Where the findings report that first judged a benchmark run is kept (MLflow attaches it)."""
+    return idp_home() / "reports" / "findings" / f"{run_id}.md"
+
+
+def _write_atomic(path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _fmt(v, unit: str = "") -> str:
+    return "n/a" if v is None else f"{v:,.1f}{unit}"
+
+
+def build(lab: Lab) -> dg.Definitions:
+    endpoint_names = [e.name for e in lab.endpoints]
+    endpoint_partitions = dg.StaticPartitionsDefinition(endpoint_names)
+    hosts = list(dict.fromkeys(e.host for e in lab.endpoints))
+    host_partitions = dg.StaticPartitionsDefinition(hosts)
+    served = {}
+    for e in lab.endpoints:
+        if e.model:
+            served.setdefault(e.model, []).append(e.name)
+
+    @dg.asset(
+        partitions_def=endpoint_partitions,
+        group_name="benchmarks",
+        kinds={"duckdb", "python"},
+        # One measurement at a time: concurrent runs on the same host distort each other (the llama.cpp
+        # CPU endpoint shares schlimers-server with vLLM), so every endpoint takes the one `gpu` slot.
+        pool="gpu",
+        deps=[dg.AssetDep("hub_model", partition_mapping=dg.StaticPartitionMapping(served))] if served else [],
+        description="A closed-loop concurrency sweep of the endpoint: one run row, one row per step and per request.",
+        check_specs=[
+            dg.AssetCheckSpec(NO_REGRESSION, asset="benchmark_runs",
+                              description="Throughput and TTFT within tolerance of the median of recent nightly runs."),
+            dg.AssetCheckSpec(SANE, asset="benchmark_runs",
+                              description="Error rate, honoured output length and the memory-bandwidth roofline."),
+        ],
+    )
+    def benchmark_runs(context: dg.AssetExecutionContext, lab: LabResource,
+                       warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from idp_pipelines.bench.suite import baseline, run_endpoint
+
+        inv = lab.load()
+        wh = warehouse.get(context.log)
+        trigger = context.run.tags.get(TRIGGER_TAG, "manual")
+        out = run_endpoint(inv, context.partition_key, wh, trigger=trigger, dagster_run_id=context.run.run_id,
+                           progress=_Progress(context.log), log=context.log.info)
+        head = out.headline()
+        cfg = inv.benchmarks
+        base = baseline(wh, out.endpoint, out.run_id, cfg.baseline_runs)
+        tol = cfg.regression_tolerance
+        problems = []
+        if base["runs"] >= 3:
+            if base["output_tokens_per_s"] and head["output_tokens_per_s"] is not None and \
+                    head["output_tokens_per_s"] < (1 - tol) * base["output_tokens_per_s"]:
+                problems.append(f"throughput {head['output_tokens_per_s']:.1f} tok/s is below the baseline "
+                                f"{base['output_tokens_per_s']:.1f} by more than {tol:.0%}")
+            ttft = head["ttft_ms_p95"] if head["ttft_ms_p95"] is not None else head["ttft_ms_p50"]
+            if base["ttft_ms"] and ttft is not None and ttft > (1 + tol) * base["ttft_ms"]:
+                problems.append(f"TTFT {ttft:.1f} ms is above the baseline {base['ttft_ms']:.1f} ms by more than {tol:.0%}")
+            regression = dg.AssetCheckResult(
+                check_name=NO_REGRESSION, passed=not problems,
+                description="; ".join(problems) or f"within {tol:.0%} of the median of {base['runs']} nightly runs",
+                metadata={"baseline_runs": base["runs"], "baseline_output_tokens_per_s": base["output_tokens_per_s"],
+                          "baseline_ttft_ms": base["ttft_ms"]})
+        else:
+            regression = dg.AssetCheckResult(
+                check_name=NO_REGRESSION, passed=True,
+                description=f"not enough baseline yet: {base['runs']} earlier nightly run(s), 3 needed")
+        insane = []
+        for s in out.steps:
+            if (s.get("error_rate") or 0) > 0.05:
+                insane.append(f"c={s['concurrency']}: error rate {s['error_rate']:.0%}")
+            honoured = s.get("length_honoured_fraction")
+            if honoured is not None and honoured < 0.9:
+                insane.append(f"c={s['concurrency']}: only {honoured:.0%} of requests produced max_tokens")
+            if s.get("suspect"):
+                insane.append(f"c={s['concurrency']}: {s['suspect']}")
+        rows = [{k: s.get(k) for k in ("concurrency", "n_ok", "n_requests", "ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50",
+                                        "output_tokens_per_s", "goodput_fraction", "error_rate")} for s in out.steps]
+        return dg.MaterializeResult(
+            metadata={
+                "run_id": out.run_id,
+                "trigger": trigger,
+                "steps": dg.MetadataValue.md(md_table(rows, list(rows[0]) if rows else ["concurrency"])),
+                "ttft_ms_p50_c1": dg.MetadataValue.float(head.get("ttft_ms_p50") or float("nan")),
+                "output_tokens_per_s_max_c": dg.MetadataValue.float(head.get("output_tokens_per_s") or float("nan")),
+                "decode_ceiling_tok_s": dg.MetadataValue.float(out.decode_ceiling_tok_s or float("nan")),
+            },
+            data_version=dg.DataVersion(out.run_id),
+            check_results=[regression, dg.AssetCheckResult(
+                check_name=SANE, passed=not insane, description="; ".join(insane) or "errors, lengths and roofline sane")],
+        )
+
+    @dg.asset(
+        partitions_def=host_partitions,
+        group_name="benchmarks",
+        kinds={"duckdb", "python"},
+        pool="gpu",
+        description="Round-trip latency to the host (the seed's Jetson USB4 probe done right), trended in DuckDB.",
+    )
+    def rpc_latency(context: dg.AssetExecutionContext, lab: LabResource,
+                    warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from idp_pipelines.bench.rpc import measure_rpc_latency, rpc_target
+
+        inv = lab.load()
+        url = rpc_target(inv, context.partition_key)
+        if url is None:
+            raise dg.Failure(f"host {context.partition_key!r} serves no endpoint in {lab.path}: nothing to probe")
+        result = measure_rpc_latency(url, probes=inv.benchmarks.rpc_probes)
+        row = result.row()
+        with warehouse.get(context.log).write() as con:
+            cols = ["measured_at", "dagster_run_id", "host", *row]
+            con.execute(f"INSERT INTO rpc_latency ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
+                        [datetime.now(timezone.utc), context.run.run_id, context.partition_key, *row.values()])
+            trend = con.execute("SELECT measured_at, p50_ms, p95_ms FROM rpc_latency WHERE host = ? "
+                                "ORDER BY measured_at DESC LIMIT 10", [context.partition_key]).fetchall()
+        context.log.info(f"{context.partition_key}: p50 {_fmt(row.get('p50_ms'), ' ms')}, "
+                         f"p95 {_fmt(row.get('p95_ms'), ' ms')}, {row.get('failures')} failures")
+        return dg.MaterializeResult(metadata={
+            "target": url,
+            **{k: dg.MetadataValue.float(float(row[k])) for k in ("min_ms", "p50_ms", "p95_ms", "max_ms", "stdev_ms")
+               if row.get(k) is not None},
+            "probes": row.get("probes"), "failures": row.get("failures"),
+            "trend": dg.MetadataValue.md(md_table([{"measured_at": str(t), "p50_ms": a, "p95_ms": b}
+                                                   for t, a, b in trend], ["measured_at", "p50_ms", "p95_ms"])),
+        })
+
+    @dg.asset(
+        group_name="benchmarks",
+        kinds={"duckdb"},
+        deps=[benchmark_runs],
+        automation_condition=FOLLOW_UPDATES,
+        description="Per endpoint, the highest concurrency that meets its SLOs: the recommended --max-num-seqs / -np.",
+    )
+    def benchmark_tuning(context: dg.AssetExecutionContext, lab: LabResource,
+                         warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from idp_pipelines.bench.tuning import tune_endpoint
+
+        inv = lab.load()
+        wh = warehouse.get(context.log)
+        recs, now = [r for r in (tune_endpoint(wh, inv, ep.name) for ep in inv.endpoints) if r], datetime.now(timezone.utc)
+        rows = [{**r.row(), "reason": r.reason} for r in recs]
+        with wh.write() as con:
+            for r in rows:
+                con.execute("INSERT INTO benchmark_tuning VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                            [now, context.run.run_id, r["endpoint"], r["run_id"], r["setting"], r["recommended"],
+                             r["current"] if isinstance(r["current"], int) else None, r["evidence"]])
+        path = idp_home() / "reports" / "benchmark_tuning.json"
+        _write_atomic(path, json.dumps({r["endpoint"]: {k: r[k] for k in ("setting", "recommended", "current",
+                                                                          "run_id", "reason")} for r in rows},
+                                       indent=2, default=str))
+        return dg.MaterializeResult(metadata={
+            "endpoints": len(rows),
+            "recommendations": dg.MetadataValue.md(md_table(rows, ["endpoint", "setting", "current", "recommended",
+                                                                   "reason", "run_id"])),
+            "path": dg.MetadataValue.path(str(path)),
+        })
+
+    @dg.asset(
+        group_name="benchmarks",
+        kinds={"markdown"},
+        deps=[benchmark_runs, rpc_latency, dg.AssetKey("inference_endpoints")],
+        automation_condition=FOLLOW_UPDATES,
+        description="Each claim of the seed's 'Expected Results' judged against the measurements.",
+    )
+    def hardware_findings(context: dg.AssetExecutionContext, lab: LabResource,
+                          warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from idp_pipelines.bench.findings import build_findings
+
+        inv = lab.load()
+        report = build_findings(warehouse.get(context.log), inv)
+        text = report.to_markdown()
+        path = idp_home() / "reports" / "hardware_findings.md"
+        _write_atomic(path, text)
+        # The report as it stood when each benchmark run was first judged: what MLflow attaches to that run.
+        for run_id in {v.measurement.run_id for v in report.verdicts if v.measurement and v.measurement.run_id}:
+            per_run = findings_path(run_id)
+            if not per_run.exists():
+                _write_atomic(per_run, text)
+        counts: dict[str, int] = {}
+        for v in report.verdicts:
+            counts[v.verdict] = counts.get(v.verdict, 0) + 1
+        return dg.MaterializeResult(metadata={"report": dg.MetadataValue.md(text),
+                                              "path": dg.MetadataValue.path(str(path)),
+                                              **{f"claims_{k.replace(' ', '_')}": n for k, n in counts.items()}})
+
+    nightly_job = dg.define_asset_job("benchmarks_job", selection=[benchmark_runs],
+                                      partitions_def=endpoint_partitions)
+    rpc_job = dg.define_asset_job("rpc_latency_job", selection=[rpc_latency], partitions_def=host_partitions)
+
+    def nightly(name: str, job, keys: list[str], description: str) -> dg.ScheduleDefinition:
+        @dg.schedule(name=name, job=job, cron_schedule=lab.schedules.benchmarks_cron,
+                     execution_timezone=lab.schedules.timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
+                     description=description)
+        def _schedule(context: dg.ScheduleEvaluationContext):
+            day = context.scheduled_execution_time.strftime("%Y-%m-%d")
+            return [dg.RunRequest(partition_key=k, run_key=f"nightly:{day}:{k}", tags={TRIGGER_TAG: "nightly"})
+                    for k in keys]
+
+        return _schedule
+
+    nightly_benchmarks_schedule = nightly("nightly_benchmarks_schedule", nightly_job, endpoint_names,
+                                          "Every endpoint, every night (lab.yaml schedules.benchmarks_cron).")
+    nightly_rpc_latency_schedule = nightly(
+        "nightly_rpc_latency_schedule", rpc_job, hosts,
+        "RPC latency to every endpoint host, nightly (queued behind the benchmarks by the gpu pool).")
+
+    @dg.sensor(
+        name="benchmark_trigger_sensor",
+        job=nightly_job,
+        minimum_interval_seconds=60,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Benchmarks an endpoint without waiting for the night when its serving settings change or "
+                    "its model is re-materialised (debounced by benchmarks.debounce_s).",
+    )
+    def benchmark_trigger_sensor(context: dg.SensorEvaluationContext, lab: LabResource):
+        return evaluate_benchmark_triggers(context, lab.load(), time.time())
+
+    return dg.Definitions(
+        assets=[benchmark_runs, rpc_latency, benchmark_tuning, hardware_findings],
+        jobs=[nightly_job, rpc_job],
+        schedules=[nightly_benchmarks_schedule, nightly_rpc_latency_schedule],
+        sensors=[benchmark_trigger_sensor],
+    )
+
+
+def _latest_storage_id(instance: dg.DagsterInstance, key: str, partition: str) -> int | None:
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition]), limit=1).records
+    return records[0].storage_id if records else None
+
+
+def endpoint_fingerprint(inv: Lab, instance: dg.DagsterInstance, endpoint: str) -> tuple[str, str]:
+    """A hash of what the endpoint serves and how, and a human description of it."""
+    ep = inv.endpoint(endpoint)
+    state = {"settings": ep.settings, "model": ep.model, "served_model_name": ep.served_model_name,
+             "base_url": ep.base_url}
+    if ep.model:
+        state["hub_model"] = _latest_storage_id(instance, "hub_model", ep.model)
+        state["gguf_model"] = _latest_storage_id(instance, "gguf_model", ep.model)
+    blob = json.dumps(state, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16], blob
+
+
+def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, now: float):
+    """Cursor per endpoint: the fingerprint last benchmarked, and a pending change with the time it was seen.
+
+    The first tick only records fingerprints (the nightly run covers the starting state). A change
+    must stay unchanged for `debounce_s` before it triggers, so editing lab.yaml three times in a
+    minute, or re-materialising a model and then its quantization, gives one run, not three.
+    """
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    debounce = inv.benchmarks.debounce_s
+    requests, waiting = [], []
+    for ep in inv.endpoints:
+        fp, _ = endpoint_fingerprint(inv, context.instance, ep.name)
+        entry = cursor.get(ep.name)
+        if entry is None:
+            cursor[ep.name] = {"fp": fp}
+            continue
+        if entry["fp"] == fp:
+            entry.pop("pending", None)
+            entry.pop("since", None)
+            continue
+        if entry.get("pending") != fp:
+            entry.update(pending=fp, since=now)
+            waiting.append(ep.name)
+            continue
+        if now - entry["since"] < debounce:
+            waiting.append(ep.name)
+            continue
+        requests.append(dg.RunRequest(partition_key=ep.name, run_key=f"change:{ep.name}:{fp}",
+                                      tags={TRIGGER_TAG: "sensor"}))
+        cursor[ep.name] = {"fp": fp}
+    new_cursor = json.dumps(cursor, sort_keys=True)
+    if requests:
+        return dg.SensorResult(run_requests=requests, cursor=new_cursor)
+    reason = f"waiting {debounce} s for changes to settle: {', '.join(waiting)}" if waiting else "no endpoint changed"
+    return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)

@@ -1,0 +1,207 @@
+"""benchmark_runs against real servers into DuckDB, its checks, the nightly schedule and the change sensor."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import dagster as dg
+import pytest
+import yaml
+
+from idp_pipelines.assets import benchmarks
+from idp_pipelines.assets.benchmarks import NO_REGRESSION, SANE, evaluate_benchmark_triggers
+from idp_pipelines.bench.suite import run_endpoint
+from idp_pipelines.bench.synthetic_server import SyntheticConfig, SyntheticServer
+from idp_pipelines.cli import main as idp
+from idp_pipelines.lab import load_lab
+from idp_pipelines.resources import LabResource, WarehouseResource
+from idp_pipelines.warehouse import Warehouse
+from tests.support import write_lab
+
+EP = "local-llamacpp"
+
+
+def _lab(tmp_path, url, **endpoint_changes):
+    path = write_lab(tmp_path / "lab.yaml", endpoint_url=url)
+    data = yaml.safe_load(path.read_text())
+    data["endpoints"][0].update(endpoint_changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _run(lab_file, wh_path, tags=None):
+    assets = {a.key.to_user_string(): a for a in benchmarks.build(load_lab(lab_file)).assets}
+    return dg.materialize(
+        [assets["benchmark_runs"]], partition_key=EP, tags=tags or {}, raise_on_error=False,
+        resources={"lab": LabResource(path=str(lab_file)), "warehouse": WarehouseResource(path=str(wh_path))},
+    )
+
+
+def _checks(result):
+    return {e.check_name: e for e in result.get_asset_check_evaluations()}
+
+
+def test_sweep_of_the_real_llama_cpp_server_lands_in_duckdb(tmp_path, llama_base_url):
+    lab_file, wh = _lab(tmp_path, llama_base_url), tmp_path / "wh.duckdb"
+    result = _run(lab_file, wh)
+    assert result.success
+    checks = _checks(result)
+    assert checks[SANE].passed, checks[SANE].description
+    assert checks[NO_REGRESSION].passed and "not enough baseline" in checks[NO_REGRESSION].description
+    with Warehouse(wh).read() as con:
+        run = con.execute("SELECT status, trigger, concurrencies, dagster_run_id, project_git_sha, engine_settings "
+                          "FROM benchmark_runs").fetchone()
+        steps = con.execute("SELECT concurrency, n_ok, n_requests, ttft_ms_p50, output_tokens_per_s "
+                            "FROM benchmark_steps ORDER BY step_index").fetchall()
+        requests = con.execute("SELECT count(*), count(*) FILTER (WHERE error IS NULL), min(completion_tokens), "
+                               "min(len(chunk_times)) FROM benchmark_requests").fetchone()
+    assert run[:4] == ("complete", "manual", [1, 2], result.run_id)
+    assert len(run[4]) == 40 and json.loads(run[5])["threads"] == 2
+    assert [s[0] for s in steps] == [1, 2] and all(s[1] == s[2] == 8 for s in steps)
+    assert all(s[3] > 0 and s[4] > 0 for s in steps)
+    assert requests[0] == requests[1] == 16 and requests[2] >= 1 and requests[3] >= 1
+
+
+def test_rejected_api_key_becomes_error_rows_and_a_failed_sanity_check(tmp_path, monkeypatch):
+    monkeypatch.setenv("BENCH_KEY", "sk-wrong-key")
+    with SyntheticServer(SyntheticConfig(ttft_s=0.001, itl_s=0.0005, api_key="sk-right-key")) as server:
+        lab_file = _lab(tmp_path, server.url, kind="vllm", api_key_env="BENCH_KEY")
+        result = _run(lab_file, tmp_path / "wh.duckdb")
+    assert result.success  # refused requests are findings, not a crash
+    sane = _checks(result)[SANE]
+    assert not sane.passed and "error rate 100%" in sane.description
+    with Warehouse(tmp_path / "wh.duckdb").read() as con:
+        kinds = con.execute("SELECT DISTINCT error_kind FROM benchmark_requests").fetchall()
+        errors = [e for (e,) in con.execute("SELECT error FROM benchmark_requests").fetchall()]
+    assert kinds == [("auth",)]
+    assert all("sk-wrong-key" not in e for e in errors)
+
+
+def _fake_nightly(wh: Warehouse, tokens_per_s: float, ttft_ms: float, days_ago: int) -> None:
+    run_id = uuid.uuid4().hex
+    started = datetime.now(timezone.utc) - timedelta(days=days_ago)
+    with wh.write() as con:
+        con.execute("INSERT INTO benchmark_runs (run_id, endpoint, kind, host, base_url, load_model, harness_version, "
+                    "trigger, started_at, status) VALUES (?, ?, 'vllm', 'localhost', 'http://x', 'sweep', '1', "
+                    "'nightly', ?, 'complete')", [run_id, EP, started])
+        for i, c in enumerate((1, 2)):
+            con.execute("INSERT INTO benchmark_steps (run_id, step_index, step, mode, concurrency, started_at, "
+                        "n_requests, n_ok, n_errors, ttft_ms_p50, output_tokens_per_s) "
+                        "VALUES (?, ?, ?, 'concurrency', ?, ?, 8, 8, 0, ?, ?)",
+                        [run_id, i, f"c{c}", c, started, ttft_ms, tokens_per_s * c])
+
+
+def test_regression_against_the_nightly_baseline_is_flagged(tmp_path):
+    wh = Warehouse(tmp_path / "wh.duckdb")
+    # a baseline much faster than what the server below can do: 3 nightly runs at ~100k tok/s, TTFT 1 ms
+    for day in (1, 2, 3):
+        _fake_nightly(wh, tokens_per_s=50_000, ttft_ms=1.0, days_ago=day)
+    with SyntheticServer(SyntheticConfig(ttft_s=0.03, itl_s=0.002)) as server:
+        result = _run(_lab(tmp_path, server.url, kind="vllm"), tmp_path / "wh.duckdb", tags={"idp/trigger": "nightly"})
+    check = _checks(result)[NO_REGRESSION]
+    assert not check.passed
+    assert "below the baseline 100000.0" in check.description and "above the baseline 1.0 ms" in check.description
+    assert check.metadata["baseline_runs"].value == 3
+    with Warehouse(tmp_path / "wh.duckdb").read() as con:
+        assert con.execute("SELECT count(*) FROM benchmark_runs WHERE trigger = 'nightly'").fetchone()[0] == 4
+
+
+def test_a_crash_mid_sweep_keeps_the_steps_already_measured(tmp_path):
+    with SyntheticServer(SyntheticConfig(ttft_s=0.001, itl_s=0.0005)) as server:
+        lab = load_lab(_lab(tmp_path, server.url, kind="vllm"))
+        wh = Warehouse(tmp_path / "wh.duckdb")
+
+        def progress(step, done, total):
+            if step == "c2":
+                raise MemoryError("the client process dies during the second step")
+
+        with pytest.raises(MemoryError):
+            run_endpoint(lab, EP, wh, trigger="cli", progress=progress)
+    with wh.read() as con:
+        status, error = con.execute("SELECT status, error FROM benchmark_runs").fetchone()
+        steps = con.execute("SELECT concurrency, n_ok FROM benchmark_steps").fetchall()
+    assert status == "failed" and "MemoryError: the client process dies" in error
+    assert steps == [(1, 8)]
+
+
+def test_nightly_schedule_requests_every_endpoint_once_per_night():
+    from idp_pipelines.definitions import build_defs
+
+    defs = build_defs(load_lab("labs/schlimers.yaml"))
+    schedule = defs.get_schedule_def("nightly_benchmarks_schedule")
+    assert schedule.cron_schedule == "0 2 * * *"
+    ctx = dg.build_schedule_context(scheduled_execution_time=datetime(2026, 11, 27, 2, 0, tzinfo=timezone.utc),
+                                    repository_def=defs.get_repository_def())
+    requests = schedule.evaluate_tick(ctx).run_requests
+    assert [(r.partition_key, r.run_key, r.tags["idp/trigger"]) for r in requests] == [
+        (ep, f"nightly:2026-11-27:{ep}", "nightly") for ep in ("vllm-gpu", "llamacpp-cpu", "triton-gpu", "jetson-edge")]
+
+
+def _tick(lab_file, cursor, now, instance):
+    with dg.build_sensor_context(cursor=cursor, instance=instance) as ctx:
+        return evaluate_benchmark_triggers(ctx, load_lab(lab_file), now)
+
+
+def test_change_sensor_debounces_settings_edits_and_model_updates(tmp_path):
+    instance = dg.DagsterInstance.ephemeral()
+    lab_file = _lab(tmp_path, "http://127.0.0.1:9")
+    first = _tick(lab_file, None, 1000.0, instance)
+    assert first.run_requests == [] and first.skip_reason.skip_message == "no endpoint changed"
+    cursor = first.cursor
+    assert _tick(lab_file, cursor, 1010.0, instance).run_requests == []
+
+    # the owner edits the serving settings: nothing until the change has settled for debounce_s (30 s)
+    _lab(tmp_path, "http://127.0.0.1:9", settings={"ctx_size": 1024, "threads": 2, "parallel": 2})
+    pending = _tick(lab_file, cursor, 1020.0, instance)
+    assert pending.run_requests == []
+    assert _tick(lab_file, pending.cursor, 1040.0, instance).run_requests == []  # 20 s: still settling
+    fired = _tick(lab_file, pending.cursor, 1051.0, instance)
+    assert [(r.partition_key, r.tags["idp/trigger"]) for r in fired.run_requests] == [(EP, "sensor")]
+    assert _tick(lab_file, fired.cursor, 1200.0, instance).run_requests == []  # fired once
+
+    # the model it serves is re-materialised
+    instance.report_runless_asset_event(dg.AssetMaterialization("hub_model", partition="tiny-llama"))
+    settle = _tick(lab_file, fired.cursor, 1300.0, instance)
+    again = _tick(lab_file, settle.cursor, 1400.0, instance)
+    assert len(again.run_requests) == 1 and again.run_requests[0].run_key != fired.run_requests[0].run_key
+
+
+def test_cli_benchmarks_an_endpoint_with_a_table(tmp_path, llama_base_url, capsys, monkeypatch):
+    lab_file = _lab(tmp_path, llama_base_url)
+    assert idp(["bench", EP, "--concurrency", "1,2", "--requests", "3", "--max-tokens", "4",
+                "--lab", str(lab_file)]) == 0
+    out = capsys.readouterr().out
+    assert "concurrency" in out and "output_tokens_per_s" in out and "(complete)" in out
+    with Warehouse(tmp_path / "idp-home" / "warehouse.duckdb").read() as con:
+        assert con.execute("SELECT trigger, concurrencies FROM benchmark_runs").fetchall() == [("cli", [1, 2])]
+        assert con.execute("SELECT count(*) FROM benchmark_requests").fetchone()[0] == 6
+    assert idp(["bench", "nope", "--lab", str(lab_file)]) == 2
+    assert "unknown endpoint 'nope'" in capsys.readouterr().err
+
+
+def test_rpc_tuning_and_findings_follow_a_run(tmp_path, llama_base_url):
+    from idp_pipelines.settings import idp_home
+
+    lab_file, wh = _lab(tmp_path, llama_base_url), tmp_path / "wh.duckdb"
+    res = {"lab": LabResource(path=str(lab_file)), "warehouse": WarehouseResource(path=str(wh))}
+    assets = {a.key.to_user_string(): a for a in benchmarks.build(load_lab(lab_file)).assets}
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([assets["benchmark_runs"]], partition_key=EP, resources=res, instance=instance).success
+    rpc = dg.materialize([assets["rpc_latency"]], partition_key="localhost", resources=res, instance=instance)
+    assert rpc.success
+    (m,) = rpc.asset_materializations_for_node("rpc_latency")
+    assert m.metadata["probes"].value == 100 and m.metadata["failures"].value == 0
+    assert 0 < m.metadata["p50_ms"].value < 1000
+
+    result = dg.materialize([assets["benchmark_tuning"], assets["hardware_findings"]], resources=res,
+                            instance=instance, selection=["benchmark_tuning", "hardware_findings"])
+    assert result.success
+    tuning = json.loads((idp_home() / "reports" / "benchmark_tuning.json").read_text())
+    assert tuning[EP]["setting"] == "parallel" and tuning[EP]["recommended"] in (1, 2)
+    report = (idp_home() / "reports" / "hardware_findings.md").read_text()
+    assert "# Hardware findings: local" in report
+    assert "| tiny model TTFT under 500 ms |" in report and "loopback round trip p50 under 20 ms" in report
+    with Warehouse(wh).read() as con:
+        assert con.execute("SELECT endpoint, setting FROM benchmark_tuning").fetchall() == [(EP, "parallel")]

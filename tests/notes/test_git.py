@@ -1,0 +1,140 @@
+"""Reading commits with the git CLI from real repos: history shapes, encodings, rewrites, shallow clones."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from datetime import timedelta
+
+import pytest
+
+from idp_pipelines.notes import git
+from idp_pipelines.notes.git import RepoUnavailable, read_commits, sync_repo
+from tests.notes.gitutil import Repo
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repo:
+    return Repo(tmp_path / "lab-configs")
+
+
+def test_linear_history_with_rename_binary_and_zone(repo):
+    first = repo.commit("Add compose file\n\nFirst version of the\nvLLM service.\n",
+                       {"compose.yaml": "a\nb\nc\n"}, tz="-0530")
+    second = repo.commit("Move compose file, add logo\n",
+                         {"compose.yaml": None, "deploy/compose.yaml": "a\nb\nc\nd\n", "logo.png": b"\x89PNG\x00\x01"})
+    c2, c1 = read_commits(repo.path, ["main"])
+    assert (c1.sha, c2.sha, c2.parents, c1.parents) == (first, second, (first,), ())
+    assert c1.subject == "Add compose file" and c1.body == "First version of the\nvLLM service."
+    assert (c1.author_name, c1.author_email, c1.author_tz) == ("Ada Lovelace", "ada@example.org", "-0530")
+    assert c1.author_time.utcoffset() == -timedelta(hours=5, minutes=30)
+    assert c1.author_time.timestamp() == repo.clock - 3600
+    assert [(f.path, f.insertions, f.deletions) for f in c1.files] == [("compose.yaml", 3, 0)]
+    files = {f.path: f for f in c2.files}
+    assert files["deploy/compose.yaml"].old_path == "compose.yaml"  # -M: one rename, not delete + add
+    assert (files["deploy/compose.yaml"].insertions, files["deploy/compose.yaml"].deletions) == (1, 0)
+    assert files["logo.png"].insertions is None  # binary
+    assert (c2.insertions, c2.deletions, len(c2.files)) == (1, 0, 2)
+
+
+def test_merge_commit_has_both_parents(repo):
+    base = repo.commit("base\n", {"a.txt": "a\n"})
+    repo.git("checkout", "-q", "-b", "feature")
+    feat = repo.commit("feature work\n", {"b.txt": "b\n"})
+    repo.git("checkout", "-q", "main")
+    main = repo.commit("main work\n", {"c.txt": "c\n"})
+    repo.clock += 60
+    repo.git("merge", "-q", "--no-ff", "-m", "Merge feature", "feature")
+    merge = read_commits(repo.path, ["main"])[0]
+    assert merge.subject == "Merge feature" and set(merge.parents) == {main, feat}
+    assert {c.sha for c in read_commits(repo.path, ["main"])} == {base, feat, main, merge.sha}
+
+
+def test_latin1_and_invalid_utf8_messages_decode_without_error(repo):
+    latin = repo.commit("Caf\xe9 \xfcber Stra\xdfe\n".encode("latin-1"), {"a": "1"}, encoding="ISO-8859-1",
+                        author="Ren\xe9")
+    broken = repo.commit(b"bad \xff\xfe bytes \xc3(\n\nbody \x80\n", {"b": "2"})
+    rows = {c.sha: c for c in read_commits(repo.path, ["main"])}
+    assert rows[latin].encoding == "ISO-8859-1"
+    assert rows[latin].subject == "Café über Straße"
+    assert rows[broken].encoding is None
+    assert rows[broken].subject == "bad \xff\xfe bytes \xc3("  # UTF-8 failed: Latin-1, never an exception
+    assert rows[broken].body == "body \x80"
+
+
+def test_sync_is_incremental_and_reads_each_shared_commit_once(repo):
+    shas = repo.linear(3)
+    repo.git("branch", "dev")
+    first = sync_repo(repo.path, ["main", "dev"], {})
+    assert [c.sha for c in first.commits] == shas[::-1]  # read once, though on both branches
+    assert first.members == {"main": shas[::-1], "dev": shas[::-1]}
+    assert first.moves["main"].kind == "first"
+
+    nothing = sync_repo(repo.path, ["main", "dev"], first.heads)
+    assert nothing.commits == [] and {m.kind for m in nothing.moves.values()} == {"none"}
+
+    new = repo.commit("new on main\n", {"x": "1"})
+    ff = sync_repo(repo.path, ["main", "dev", "gone"], first.heads)
+    assert [c.sha for c in ff.commits] == [new] and ff.moves["main"].kind == "fast-forward"
+    assert ff.moves["gone"].kind == "branch-missing" and "'gone' does not exist" in ff.messages[0]
+
+
+def test_force_push_keeps_rewritten_commits_and_reads_from_the_merge_base(repo):
+    base = repo.linear(2)[-1]
+    old = [repo.commit("wip 1\n", {"w": "1"}), repo.commit("wip 2\n", {"w": "2"})]
+    before = sync_repo(repo.path, ["main"], {})
+    repo.git("reset", "-q", "--hard", base)  # what a force-push leaves on the remote
+    fixed = repo.commit("wip, squashed\n", {"w": "12"})
+    after = sync_repo(repo.path, ["main"], before.heads)
+    move = after.moves["main"]
+    assert (move.kind, move.merge_base) == ("rewrite", base)
+    assert [c.sha for c in after.commits] == [fixed]
+    assert sorted(after.rewritten) == sorted(old)
+    assert "history rewritten" in after.messages[0]
+
+
+def test_head_missing_from_a_shallow_clone_rereads_from_the_new_head(repo, tmp_path):
+    shas = repo.linear(12)
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", "--depth", "5", "--branch", "main", f"file://{repo.path}", str(clone)],
+                   check=True, capture_output=True)
+    assert git.is_shallow(clone) and not git.exists(clone, shas[3])
+    sync = sync_repo(clone, ["main"], {"main": shas[3]})  # our cursor lies outside the clone
+    assert sync.moves["main"].kind == "cursor-missing"
+    assert [c.sha for c in sync.commits] == shas[:-6:-1]  # the five in the clone
+    assert "shallow clone" in sync.messages[0]
+    assert sync.commits[-1].parents == ()  # the shallow boundary shows no parents
+
+
+def test_max_new_bounds_a_first_sync(repo):
+    shas = repo.linear(6)
+    sync = sync_repo(repo.path, ["main"], {}, max_new=2)
+    assert [c.sha for c in sync.commits] == shas[:-3:-1] and sync.heads == {"main": shas[-1]}
+
+
+def test_missing_and_refused_repos_raise_repo_unavailable(tmp_path, repo):
+    with pytest.raises(RepoUnavailable, match="does not exist"):
+        git.resolve_refs(tmp_path / "nope", ["main"])
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(RepoUnavailable, match="not a git repository"):
+        git.resolve_refs(tmp_path / "plain", ["main"])
+    repo.linear(1)
+    if os.geteuid() == 0:  # root is not stopped by modes, but git refuses a repo owned by someone else
+        os.chown(repo.path, 12345, 12345)
+        with pytest.raises(RepoUnavailable, match="dubious ownership"):
+            git.resolve_refs(repo.path, ["main"])
+    else:
+        os.chmod(repo.path / ".git", 0)
+        try:
+            with pytest.raises(RepoUnavailable):
+                git.resolve_refs(repo.path, ["main"])
+        finally:
+            os.chmod(repo.path / ".git", 0o755)
+
+
+def test_hostile_branch_and_path_names_are_data_not_arguments(repo):
+    repo.commit("x\n", {"--help": "1", "a|b#c^[d].txt": "2"})
+    heads = git.resolve_refs(repo.path, ["main", "--all", "-h"])
+    assert heads["--all"] is None and heads["-h"] is None and heads["main"]
+    (c,) = read_commits(repo.path, ["main"])
+    assert sorted(f.path for f in c.files) == ["--help", "a|b#c^[d].txt"]
