@@ -82,6 +82,15 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
         backfill = re.search(r"first materialisation\s+\S+/runs/b/(\w+)", out).group(1)
         assert _backfill_status(dagster, backfill, timeout_s=300) == "COMPLETED_SUCCESS"
         assert _asset_materialized(dagster, ["gguf_model"], "tiny-llama")
+        # what the owner then finds: this repo's commits as dev-log notes, the sweep in MLflow
+        home = tmp_path / "home"
+        assert list((home / "vault" / "Dev Log").glob("*.md"))
+        assert "# Hardware findings: local" in (home / "reports" / "hardware_findings.md").read_text()
+        exp = httpx.get(f"http://127.0.0.1:{mlflow}/api/2.0/mlflow/experiments/get-by-name",
+                        params={"experiment_name": "benchmarks/local-llamacpp"}, timeout=30).json()["experiment"]
+        runs = httpx.post(f"http://127.0.0.1:{mlflow}/api/2.0/mlflow/runs/search",
+                          json={"experiment_ids": [exp["experiment_id"]]}, timeout=30).json()["runs"]
+        assert runs and all(any(t["key"] == "idp.benchmark_run_id" for t in r["data"]["tags"]) for r in runs)
 
         # running it twice must not break the first
         second = subprocess.run(["make", "-s", "up"], cwd=REPO_ROOT, env=env, capture_output=True, text=True,

@@ -63,7 +63,9 @@ def build(lab: Lab) -> dg.Definitions:
         # One measurement at a time: concurrent runs on the same host distort each other (the llama.cpp
         # CPU endpoint shares schlimers-server with vLLM), so every endpoint takes the one `gpu` slot.
         pool="gpu",
-        deps=[dg.AssetDep("hub_model", partition_mapping=dg.StaticPartitionMapping(served))] if served else [],
+        # The model an endpoint serves, downloaded and quantized, is part of each run's lineage.
+        deps=[dg.AssetDep(key, partition_mapping=dg.StaticPartitionMapping(served))
+              for key in ("hub_model", "gguf_model")] if served else [],
         description="A closed-loop concurrency sweep of the endpoint: one run row, one row per step and per request.",
         check_specs=[
             dg.AssetCheckSpec(NO_REGRESSION, asset="benchmark_runs",
@@ -261,54 +263,70 @@ def build(lab: Lab) -> dg.Definitions:
     )
 
 
-def _latest_storage_id(instance: dg.DagsterInstance, key: str, partition: str) -> int | None:
+def _latest(instance: dg.DagsterInstance, key: str, partition: str):
     records = instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=dg.AssetKey(key), asset_partitions=[partition]), limit=1).records
-    return records[0].storage_id if records else None
+    return records[0] if records else None
 
 
-def endpoint_fingerprint(inv: Lab, instance: dg.DagsterInstance, endpoint: str) -> tuple[str, str]:
-    """A hash of what the endpoint serves and how, and a human description of it."""
+def settings_fingerprint(inv: Lab, endpoint: str) -> str:
     ep = inv.endpoint(endpoint)
     state = {"settings": ep.settings, "model": ep.model, "served_model_name": ep.served_model_name,
              "base_url": ep.base_url}
-    if ep.model:
-        state["hub_model"] = _latest_storage_id(instance, "hub_model", ep.model)
-        state["gguf_model"] = _latest_storage_id(instance, "gguf_model", ep.model)
-    blob = json.dumps(state, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16], blob
+    return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def unbenchmarked_model(instance: dg.DagsterInstance, inv: Lab, endpoint: str):
+    """The newest materialisation of the endpoint's model (download or quantization) that no
+    benchmark of the endpoint has followed yet, or None."""
+    ep = inv.endpoint(endpoint)
+    if not ep.model:
+        return None
+    models = [r for r in (_latest(instance, "hub_model", ep.model), _latest(instance, "gguf_model", ep.model)) if r]
+    if not models:
+        return None
+    newest = max(models, key=lambda r: r.storage_id)
+    bench = _latest(instance, "benchmark_runs", ep.name)
+    return newest if bench is None or newest.storage_id > bench.storage_id else None
 
 
 def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, now: float):
-    """Cursor per endpoint: the fingerprint last benchmarked, and a pending change with the time it was seen.
+    """Benchmark an endpoint when its serving settings changed or its model was re-materialised.
 
-    The first tick only records fingerprints (the nightly run covers the starting state). A change
-    must stay unchanged for `debounce_s` before it triggers, so editing lab.yaml three times in a
-    minute, or re-materialising a model and then its quantization, gives one run, not three.
+    Debounced: a settings change must stay unchanged, and a model materialisation stay the newest, for
+    `benchmarks.debounce_s`, so editing lab.yaml three times in a minute, or downloading a model and
+    then quantizing it, gives one run. The first tick only records the settings (the nightly run covers
+    the starting state); a model that a benchmark already followed (the nightly, or `make up`'s
+    backfill) triggers nothing.
     """
     cursor = json.loads(context.cursor) if context.cursor else {}
     debounce = inv.benchmarks.debounce_s
     requests, waiting = [], []
     for ep in inv.endpoints:
-        fp, _ = endpoint_fingerprint(inv, context.instance, ep.name)
-        entry = cursor.get(ep.name)
-        if entry is None:
-            cursor[ep.name] = {"fp": fp}
-            continue
-        if entry["fp"] == fp:
+        fp = settings_fingerprint(inv, ep.name)
+        entry = cursor.setdefault(ep.name, {"settings": fp})
+        reasons = []
+        if entry["settings"] != fp:
+            if entry.get("pending") != fp:
+                entry.update(pending=fp, since=now)
+            elif now - entry["since"] >= debounce:
+                reasons.append(f"settings:{fp}")
+        else:
             entry.pop("pending", None)
             entry.pop("since", None)
-            continue
-        if entry.get("pending") != fp:
-            entry.update(pending=fp, since=now)
+        model = unbenchmarked_model(context.instance, inv, ep.name)
+        if model is not None and model.storage_id != entry.get("model_fired"):
+            if now - model.timestamp >= debounce:
+                reasons.append(f"model:{model.storage_id}")
+        if reasons:
+            requests.append(dg.RunRequest(partition_key=ep.name, run_key=f"change:{ep.name}:{'+'.join(reasons)}",
+                                          tags={TRIGGER_TAG: "sensor", "idp/change": ", ".join(reasons)}))
+            entry["settings"] = entry.pop("pending", entry["settings"])
+            entry.pop("since", None)
+            if model is not None:
+                entry["model_fired"] = model.storage_id
+        elif "pending" in entry or (model is not None and model.storage_id != entry.get("model_fired")):
             waiting.append(ep.name)
-            continue
-        if now - entry["since"] < debounce:
-            waiting.append(ep.name)
-            continue
-        requests.append(dg.RunRequest(partition_key=ep.name, run_key=f"change:{ep.name}:{fp}",
-                                      tags={TRIGGER_TAG: "sensor"}))
-        cursor[ep.name] = {"fp": fp}
     new_cursor = json.dumps(cursor, sort_keys=True)
     if requests:
         return dg.SensorResult(run_requests=requests, cursor=new_cursor)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
@@ -147,25 +148,34 @@ def _tick(lab_file, cursor, now, instance):
 def test_change_sensor_debounces_settings_edits_and_model_updates(tmp_path):
     instance = dg.DagsterInstance.ephemeral()
     lab_file = _lab(tmp_path, "http://127.0.0.1:9")
-    first = _tick(lab_file, None, 1000.0, instance)
+    t = time.time()
+    first = _tick(lab_file, None, t, instance)
     assert first.run_requests == [] and first.skip_reason.skip_message == "no endpoint changed"
     cursor = first.cursor
-    assert _tick(lab_file, cursor, 1010.0, instance).run_requests == []
+    assert _tick(lab_file, cursor, t + 10, instance).run_requests == []
 
     # the owner edits the serving settings: nothing until the change has settled for debounce_s (30 s)
     _lab(tmp_path, "http://127.0.0.1:9", settings={"ctx_size": 1024, "threads": 2, "parallel": 2})
-    pending = _tick(lab_file, cursor, 1020.0, instance)
-    assert pending.run_requests == []
-    assert _tick(lab_file, pending.cursor, 1040.0, instance).run_requests == []  # 20 s: still settling
-    fired = _tick(lab_file, pending.cursor, 1051.0, instance)
+    pending = _tick(lab_file, cursor, t + 20, instance)
+    assert pending.run_requests == [] and "waiting 30 s" in pending.skip_reason.skip_message
+    assert _tick(lab_file, pending.cursor, t + 40, instance).run_requests == []  # 20 s: still settling
+    fired = _tick(lab_file, pending.cursor, t + 51, instance)
     assert [(r.partition_key, r.tags["idp/trigger"]) for r in fired.run_requests] == [(EP, "sensor")]
-    assert _tick(lab_file, fired.cursor, 1200.0, instance).run_requests == []  # fired once
+    assert _tick(lab_file, fired.cursor, t + 200, instance).run_requests == []  # fired once
 
-    # the model it serves is re-materialised
+    # the model it serves is downloaded again, then quantized: one run once both have settled
     instance.report_runless_asset_event(dg.AssetMaterialization("hub_model", partition="tiny-llama"))
-    settle = _tick(lab_file, fired.cursor, 1300.0, instance)
-    again = _tick(lab_file, settle.cursor, 1400.0, instance)
-    assert len(again.run_requests) == 1 and again.run_requests[0].run_key != fired.run_requests[0].run_key
+    instance.report_runless_asset_event(dg.AssetMaterialization("gguf_model", partition="tiny-llama"))
+    now = time.time()
+    assert _tick(lab_file, fired.cursor, now + 5, instance).run_requests == []
+    model_run = _tick(lab_file, fired.cursor, now + 31, instance)
+    assert len(model_run.run_requests) == 1 and "model:" in model_run.run_requests[0].tags["idp/change"]
+    assert _tick(lab_file, model_run.cursor, now + 100, instance).run_requests == []
+
+    # a benchmark that already followed the model (the nightly, make up's backfill) leaves nothing to do
+    instance.report_runless_asset_event(dg.AssetMaterialization("hub_model", partition="tiny-llama"))
+    instance.report_runless_asset_event(dg.AssetMaterialization("benchmark_runs", partition=EP))
+    assert _tick(lab_file, model_run.cursor, time.time() + 100, instance).run_requests == []
 
 
 def test_cli_benchmarks_an_endpoint_with_a_table(tmp_path, llama_base_url, capsys, monkeypatch):
