@@ -78,7 +78,8 @@ def timed_git_log(repo: Path) -> tuple[float, float]:
 
 
 def main() -> None:
-    from idp_pipelines.assets.knowledge import build, evaluate_git_heads, generate_notes, load_note_data, store_sync
+    from idp_pipelines.assets.knowledge import build, evaluate_git_heads
+    from idp_pipelines.notes.pipeline import generate_notes, load_note_data, store_sync
     from idp_pipelines.lab import load_lab
     from idp_pipelines.notes.git import sync_repo
     from idp_pipelines.warehouse import Warehouse

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from idp_pipelines.tracking import MLflowLogger  # noqa: E402
-from idp_pipelines.tracking.local_server import local_mlflow_server, migrated_template  # noqa: E402
+from idp_pipelines.embedded.mlflow_server import local_mlflow_server, migrated_template  # noqa: E402
 from idp_pipelines.warehouse import Warehouse  # noqa: E402
 from tests.tracking.synthetic import T0, insert_benchmark_run  # noqa: E402
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,8 @@ from pathlib import Path
 import httpx
 import yaml
 
+from idp_pipelines.embedded.mlflow_server import free_port
 from idp_pipelines.settings import REPO_ROOT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, *, proc: subprocess.Popen | None = None, timeout_s: float = 120.0,

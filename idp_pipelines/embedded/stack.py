@@ -23,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from idp_pipelines import settings
+from idp_pipelines.embedded.mlflow_server import server_argv
 from idp_pipelines.lab import Lab, load_lab
 
 TINY_MODEL_FILE = "tiny-llama-f32.gguf"
@@ -137,9 +138,7 @@ def plan_services(lab: Lab, home: Path, dagster_port: int) -> list[Service]:
         store.mkdir(parents=True, exist_ok=True)
         services.append(Service(
             name="MLflow",
-            argv=[py, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
-                  "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
-                  "--artifacts-destination", str(store / "artifacts")],
+            argv=server_argv(host, port, store),
             # Without this, mlflow server starts a job runner: 15 processes and ~2.5 GB instead of 2 and 0.5.
             env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
             ready_url=f"{lab.mlflow.tracking_uri}/health", ui_url=lab.mlflow.tracking_uri,

@@ -173,7 +173,7 @@ def render_all(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Se
     previous: dict[str, BenchRun] = {}
     for r in sorted(runs, key=lambda r: r.started_at):
         out.extend(bench_note(r, layout, on.get(r.run_id), previous.get(r.endpoint)))
-        if r.status == "ok" or r.best_tok_s is not None:
+        if r.status == "complete" or r.best_tok_s is not None:
             previous[r.endpoint] = r
     return out
 

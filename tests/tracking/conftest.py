@@ -6,7 +6,7 @@ import uuid
 
 import pytest
 
-from idp_pipelines.tracking.local_server import local_mlflow_server, migrated_template
+from idp_pipelines.embedded.mlflow_server import local_mlflow_server, migrated_template
 from idp_pipelines.warehouse import Warehouse
 
 

@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 def server_argv(host: str, port: int, store: Path) -> list[str]:
-    """The argv of idp_pipelines.embedded.stack's MLflow service."""
+    """`mlflow server` with one worker: ~0.5 GB and 2 processes (the default starts 15 and ~2.5 GB)."""
     return [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1",
             "--backend-store-uri", f"sqlite:///{store / 'mlflow.db'}",
             "--artifacts-destination", str(store / "artifacts")]
