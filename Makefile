@@ -26,6 +26,10 @@ system-deps:
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	@pip_wheels=$$($(PY) -m pip cache list llama_cpp_python 2>/dev/null | grep -c whl || true); \
+	if [ "$$pip_wheels" = 0 ] && ! $(PY) -c 'import llama_cpp' 2>/dev/null; then \
+	  echo "installing Python packages; the first time compiles llama.cpp for llama-cpp-python (10-20 min on 2 cores)"; \
+	fi
 	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 

@@ -223,9 +223,8 @@ def build(lab: Lab) -> dg.Definitions:
                                               "path": dg.MetadataValue.path(str(path)),
                                               **{f"claims_{k.replace(' ', '_')}": n for k, n in counts.items()}})
 
-    nightly_job = dg.define_asset_job("benchmarks_job", selection=[benchmark_runs],
-                                      partitions_def=endpoint_partitions)
-    rpc_job = dg.define_asset_job("rpc_latency_job", selection=[rpc_latency], partitions_def=host_partitions)
+    nightly_job = dg.define_asset_job("benchmarks_job", selection=[benchmark_runs])
+    rpc_job = dg.define_asset_job("rpc_latency_job", selection=[rpc_latency])
 
     def nightly(name: str, job, keys: list[str], description: str) -> dg.ScheduleDefinition:
         @dg.schedule(name=name, job=job, cron_schedule=lab.schedules.benchmarks_cron,
