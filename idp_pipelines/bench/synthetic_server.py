@@ -258,7 +258,11 @@ async def _stream(
                 writer.write(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
                 return
             if config.drop_every and number % config.drop_every == 0 and i == fail_at:
-                await writer.drain()
+                # drain() returns at once below the high-water mark, and abort() discards what is still
+                # buffered: on a busy machine the client then saw no response head at all, not a drop
+                # mid-stream. Hang up only once the head and the chunks so far are in the kernel.
+                while writer.transport.get_write_buffer_size():
+                    await asyncio.sleep(0.001)
                 writer.transport.abort()
                 state.last_keepalive = False
                 return
