@@ -13,8 +13,10 @@ DAGSTER_URL_ENV = "IDP_DAGSTER_URL"
 
 def store_sync(con, repo: str, sync, run_id: Optional[str]) -> int:
     """Insert new commits (those already stored are kept as they are), branch membership, rewrites, heads."""
-    # Arrow, not pandas: it imports in a third of the time, and lists and timestamps go in typed.
-    import pyarrow as pa
+    # A dict of NumPy arrays: DuckDB scans it directly, without the ~0.5 s import of pandas that both a
+    # DataFrame and pyarrow's first conversion cost. Lists travel space-joined (git forbids spaces in
+    # shas and branch names) and times as epoch microseconds.
+    import numpy as np
 
     now = datetime.now(timezone.utc)
     inserted = 0
@@ -25,26 +27,33 @@ def store_sync(con, repo: str, sync, run_id: Optional[str]) -> int:
                 on.setdefault(sha, []).append(branch)
         seen: set[str] = set()
         commits = [c for c in sync.commits if not (c.sha in seen or seen.add(c.sha))]
-        table = pa.table({
-            "sha": [c.sha for c in commits],
-            "parents": pa.array([list(c.parents) for c in commits], pa.list_(pa.string())),
-            "author_name": [c.author_name for c in commits],
-            "author_email": [c.author_email for c in commits],
-            "author_time": pa.array([c.author_time for c in commits], pa.timestamp("us", tz="UTC")),
-            "author_tz": [c.author_tz for c in commits],
-            "committer_name": [c.committer_name for c in commits],
-            "committer_email": [c.committer_email for c in commits],
-            "commit_time": pa.array([c.commit_time for c in commits], pa.timestamp("us", tz="UTC")),
-            "commit_tz": [c.commit_tz for c in commits],
-            "subject": [c.subject for c in commits],
-            "body": [c.body for c in commits],
-            "files": [json.dumps([f.to_json() for f in c.files], ensure_ascii=False) for c in commits],
-            "files_changed": pa.array([len(c.files) for c in commits], pa.int32()),
-            "insertions": pa.array([c.insertions for c in commits], pa.int32()),
-            "deletions": pa.array([c.deletions for c in commits], pa.int32()),
-            "encoding": pa.array([c.encoding for c in commits], pa.string()),
-            "branches": pa.array([on.get(c.sha, []) for c in commits], pa.list_(pa.string())),
-        })
+
+        def text(values) -> np.ndarray:
+            return np.array(list(values), dtype=object)
+
+        def ints(values) -> np.ndarray:
+            return np.fromiter(values, dtype=np.int64, count=len(commits))
+
+        table = {
+            "sha": text(c.sha for c in commits),
+            "parents": text(" ".join(c.parents) for c in commits),
+            "author_name": text(c.author_name for c in commits),
+            "author_email": text(c.author_email for c in commits),
+            "author_us": ints(round(c.author_time.timestamp() * 1e6) for c in commits),
+            "author_tz": text(c.author_tz for c in commits),
+            "committer_name": text(c.committer_name for c in commits),
+            "committer_email": text(c.committer_email for c in commits),
+            "commit_us": ints(round(c.commit_time.timestamp() * 1e6) for c in commits),
+            "commit_tz": text(c.commit_tz for c in commits),
+            "subject": text(c.subject for c in commits),
+            "body": text(c.body for c in commits),
+            "files": text(json.dumps([f.to_json() for f in c.files], ensure_ascii=False) for c in commits),
+            "files_changed": ints(len(c.files) for c in commits),
+            "insertions": ints(c.insertions for c in commits),
+            "deletions": ints(c.deletions for c in commits),
+            "encoding": text(c.encoding for c in commits),
+            "branches": text(" ".join(on.get(c.sha, ())) for c in commits),
+        }
         con.register("new_commits", table)
         # DuckDB answers an INSERT with the number of rows it inserted
         inserted = con.execute(
@@ -52,9 +61,11 @@ def store_sync(con, repo: str, sync, run_id: Optional[str]) -> int:
             INSERT INTO git_commits (repo, sha, parents, author_name, author_email, author_time, author_tz,
                 committer_name, committer_email, commit_time, commit_tz, subject, body, files, files_changed,
                 insertions, deletions, encoding, branches, rewritten, first_seen_at, dagster_run_id)
-            SELECT ?, n.sha, n.parents, n.author_name, n.author_email, n.author_time, n.author_tz, n.committer_name,
-                n.committer_email, n.commit_time, n.commit_tz, n.subject, n.body, n.files::JSON, n.files_changed,
-                n.insertions, n.deletions, n.encoding, n.branches, false, ?, ?
+            SELECT ?, n.sha, CASE WHEN n.parents = '' THEN []::VARCHAR[] ELSE string_split(n.parents, ' ') END,
+                n.author_name, n.author_email, make_timestamptz(n.author_us), n.author_tz, n.committer_name,
+                n.committer_email, make_timestamptz(n.commit_us), n.commit_tz, n.subject, n.body, n.files::JSON,
+                n.files_changed, n.insertions, n.deletions, n.encoding,
+                CASE WHEN n.branches = '' THEN []::VARCHAR[] ELSE string_split(n.branches, ' ') END, false, ?, ?
             FROM new_commits n ANTI JOIN (SELECT sha FROM git_commits WHERE repo = ?) g ON g.sha = n.sha
             """,
             [repo, now, run_id, repo],
@@ -63,7 +74,7 @@ def store_sync(con, repo: str, sync, run_id: Optional[str]) -> int:
     for branch, shas in sync.members.items():
         if not shas:
             continue
-        con.register("branch_shas", pa.table({"sha": shas}))
+        con.register("branch_shas", {"sha": np.array(list(shas), dtype=object)})
         # commits stored before and now on this branch too; one seen again on a watched branch is not
         # rewritten (any more)
         con.execute(
@@ -77,7 +88,7 @@ def store_sync(con, repo: str, sync, run_id: Optional[str]) -> int:
         ).fetchall()
         con.unregister("branch_shas")
     if sync.rewritten:
-        con.register("gone", pa.table({"sha": list(sync.rewritten)}))
+        con.register("gone", {"sha": np.array(list(sync.rewritten), dtype=object)})
         con.execute("UPDATE git_commits SET rewritten = true, rewritten_at = ? "
                     "WHERE repo = ? AND NOT rewritten AND sha IN (SELECT sha FROM gone)", [now, repo]).fetchall()
         con.unregister("gone")
