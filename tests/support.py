@@ -1,53 +1,17 @@
-"""Helpers shared by the tests: free ports, waiting for a server, a real llama.cpp server, lab files."""
+"""Helpers shared by the tests: a real llama.cpp server and lab files (process helpers: embedded.processes)."""
 
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import yaml
 
-from idp_pipelines.embedded.mlflow_server import free_port
+from idp_pipelines.embedded.processes import free_port, stop_process_group, wait_http
 from idp_pipelines.settings import REPO_ROOT
-
-
-def wait_http(url: str, *, proc: subprocess.Popen | None = None, timeout_s: float = 120.0,
-              log: Path | None = None) -> httpx.Response:
-    """Poll `url` until it answers below 500; fail early if `proc` dies."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            r = httpx.get(url, timeout=5.0)
-            if r.status_code < 500:
-                return r
-        except httpx.HTTPError:
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"process exited ({proc.returncode}) before {url} answered:\n"
-                               + (log.read_text(errors="replace")[-3000:] if log else ""))
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{url} did not answer within {timeout_s} s")
-        time.sleep(0.25)
-
-
-def stop_process_group(proc: subprocess.Popen, timeout_s: float = 20.0) -> None:
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
 
 
 @contextlib.contextmanager

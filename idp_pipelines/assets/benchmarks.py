@@ -3,11 +3,12 @@
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 
 import dagster as dg
 
-from idp_pipelines.assets.common import FOLLOW_UPDATES
+from idp_pipelines.assets.common import FOLLOW_UPDATES, Throttle
 from idp_pipelines.lab import Lab
 from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import LabResource, WarehouseResource
@@ -19,15 +20,9 @@ TRIGGER_TAG = "idp/trigger"
 
 
 
-class _Progress:
-    def __init__(self, log, every_s: float = 10.0) -> None:
-        self.log, self.every_s, self.last = log, every_s, 0.0
-
-    def __call__(self, step: str, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every_s or done == total:
-            self.last = now
-            self.log.info(f"step {step}: {done}/{total} requests")
+def _step_progress(log) -> Callable[[str, int, int], None]:
+    throttle = Throttle(log.info)
+    return lambda step, done, total: throttle(f"step {step}: {done}/{total} requests", final=done == total)
 
 
 def findings_path(run_id: str):
@@ -82,7 +77,7 @@ def build(lab: Lab) -> dg.Definitions:
         wh = warehouse.get(context.log)
         trigger = context.run.tags.get(TRIGGER_TAG, "manual")
         out = run_endpoint(inv, context.partition_key, wh, trigger=trigger, dagster_run_id=context.run.run_id,
-                           progress=_Progress(context.log), log=context.log.info)
+                           progress=_step_progress(context.log), log=context.log.info)
         head = out.headline()
         cfg = inv.benchmarks
         base = baseline(wh, out.endpoint, out.run_id, cfg.baseline_runs)

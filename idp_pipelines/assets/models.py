@@ -3,13 +3,13 @@
 import json
 import os
 import re
-import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import dagster as dg
 
-from idp_pipelines.assets.common import FOLLOW_UPDATES
+from idp_pipelines.assets.common import FOLLOW_UPDATES, Throttle
 from idp_pipelines.lab import Lab
 from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import HubResource, LabResource, WarehouseResource
@@ -19,18 +19,14 @@ GGUF_GENERATES = "loads_and_generates"
 GGUF_SIZE = "size_ratio_plausible"
 
 
-class _Throttled:
-    """Log long-running progress every `every_s` seconds (and at the end), not on every chunk."""
+def _download_progress(log, label: str) -> Callable[[int, int, str], None]:
+    throttle = Throttle(log.info)
 
-    def __init__(self, log, label: str, every_s: float = 10.0) -> None:
-        self.log, self.label, self.every_s, self.last = log, label, every_s, 0.0
+    def report(done: int, total: int, message: str) -> None:
+        pct = f" ({100 * done / total:.0f} %)" if total else ""
+        throttle(f"{label}: {done / 1e6:,.1f} of {total / 1e6:,.1f} MB{pct} {message}", final=bool(total) and done >= total)
 
-    def __call__(self, done: int, total: int, message: str) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.every_s or (total and done >= total):
-            self.last = now
-            pct = f" ({100 * done / total:.0f} %)" if total else ""
-            self.log.info(f"{self.label}: {done / 1e6:,.1f} of {total / 1e6:,.1f} MB{pct} {message}")
+    return report
 
 
 def _blob_sha256(path: Path) -> str:
@@ -56,7 +52,7 @@ def build(lab: Lab) -> dg.Definitions:
                   warehouse: WarehouseResource) -> dg.MaterializeResult:
         model = lab.load().model(context.partition_key)
         context.log.info(f"{model.name}: {model.repo_id}@{model.revision}")
-        result = hub.download(model, progress=_Throttled(context.log, model.name))
+        result = hub.download(model, progress=_download_progress(context.log, model.name))
         with warehouse.get(context.log).write() as con:
             con.execute(
                 "INSERT INTO model_downloads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",

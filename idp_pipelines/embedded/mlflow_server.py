@@ -9,19 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from idp_pipelines.embedded.processes import free_port, stop_process_group, wait_http
 
 
 def server_argv(host: str, port: int, store: Path) -> list[str]:
@@ -52,8 +45,6 @@ def migrated_template(folder: Path) -> Path:
 @contextlib.contextmanager
 def local_mlflow_server(store: Path, *, template: Path | None = None, timeout_s: float = 120.0) -> Iterator[str]:
     """Start `mlflow server` on a free port of 127.0.0.1 with its store under `store`; yields its URL."""
-    import httpx
-
     store.mkdir(parents=True, exist_ok=True)
     if template is not None and not (store / "mlflow.db").exists():
         shutil.copyfile(template, store / "mlflow.db")
@@ -65,28 +56,7 @@ def local_mlflow_server(store: Path, *, template: Path | None = None, timeout_s:
         proc = subprocess.Popen(server_argv("127.0.0.1", port, store), env=env, stdout=out, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                if httpx.get(f"{url}/health", timeout=2.0, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"mlflow server exited ({proc.returncode}) before {url} answered; "
-                                   f"{log}:\n{log.read_text(errors='replace')[-3000:]}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"mlflow server at {url} did not answer within {timeout_s:.0f} s; see {log}")
-            time.sleep(0.2)
+        wait_http(f"{url}/health", proc=proc, timeout_s=timeout_s, log=log, poll_s=0.2)
         yield url
     finally:
-        if proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        stop_process_group(proc, timeout_s=15)

@@ -9,6 +9,7 @@ prints its URLs and leaves it alone.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
@@ -24,6 +25,7 @@ from urllib.parse import urlsplit
 
 from idp_pipelines import settings
 from idp_pipelines.embedded.mlflow_server import server_argv
+from idp_pipelines.embedded.processes import answers, stop_process_group
 from idp_pipelines.lab import Lab, load_lab
 
 TINY_MODEL_FILE = "tiny-llama-f32.gguf"
@@ -52,15 +54,6 @@ def _port_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def _answers(url: str, timeout: float = 2.0) -> bool:
-    import httpx
-
-    try:
-        return httpx.get(url, timeout=timeout).status_code < 500
-    except httpx.HTTPError:
-        return False
 
 
 def _host_port(url: str) -> tuple[str, int]:
@@ -214,7 +207,7 @@ class Stack:
                     tail = svc.log.read_text(errors="replace").splitlines()[-15:] if svc.log else []
                     raise StackError(f"{svc.name} exited with code {svc.proc.returncode} while starting. "
                                      f"Last lines of {svc.log}:\n" + "\n".join(tail))
-                if _answers(svc.ready_url):
+                if answers(svc.ready_url):
                     self.out(f"{svc.name} answers after {time.monotonic() - t0:.1f} s")
                     pending.remove(svc)
             if pending and time.monotonic() - t0 > timeout_s:
@@ -248,26 +241,14 @@ class Stack:
                 time.sleep(1.0)
 
     def stop(self) -> None:
+        # all get SIGTERM first, so they wind down in parallel; then each is waited for (and killed)
         for svc in reversed(self.services):
             if svc.proc and svc.proc.poll() is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(svc.proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        deadline = time.monotonic() + 20
         for svc in self.services:
-            if not svc.proc:
-                continue
-            try:
-                svc.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.out(f"{svc.name} ignored SIGTERM; killing it")
-            # Stragglers in the group (dagster's code server, mlflow's workers) go too.
-            try:
-                os.killpg(svc.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            svc.proc.wait()
+            if svc.proc and not stop_process_group(svc.proc, timeout_s=20):
+                self.out(f"{svc.name} ignored SIGTERM for 20 s and was killed")
         if self._lock_fd is not None:
             self.state_file.unlink(missing_ok=True)
             os.close(self._lock_fd)

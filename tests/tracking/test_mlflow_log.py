@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, Redactor, TrackingError
-from idp_pipelines.embedded.mlflow_server import free_port
+from idp_pipelines.embedded.processes import free_port
 from idp_pipelines.tracking.mlflow_log import REDACTED, step_metrics, tuned_step
 from tests.tracking.synthetic import SECRET, T0, insert_benchmark_run, insert_quantization
 
