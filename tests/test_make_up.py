@@ -65,8 +65,10 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
                     mlflow_url=f"http://127.0.0.1:{mlflow}", hub_url=f"http://127.0.0.1:{hub}")
     env = {**os.environ, "IDP_HOME": str(tmp_path / "home"), "IDP_LAB": str(lab), "IDP_DAGSTER_PORT": str(dagster),
            "PYTHONUNBUFFERED": "1"}
+    # started the way `make up &` in a script starts it: with SIGINT ignored, which children inherit
     proc = subprocess.Popen(["make", "-s", "up"], cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: list[str] = []
     try:
         _read_until(proc, r"Ctrl-C stops everything", 400, lines)
@@ -104,6 +106,7 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
         proc.wait(timeout=60)
         rest = proc.stdout.read()
         assert "stopped." in rest
+        assert "was killed" not in rest  # every service stopped on SIGTERM
         time.sleep(0.5)
         alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert alive == []

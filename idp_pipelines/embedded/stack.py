@@ -56,6 +56,14 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _default_signals() -> None:
+    """In the child: SIGINT and SIGTERM back to their defaults. A `make up &` from a script starts us
+    with SIGINT ignored, the children inherit that across exec, and dagster dev then sat out SIGTERM
+    for 20 s until it was killed."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def _host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "127.0.0.1", parts.port or 80
@@ -191,7 +199,8 @@ class Stack:
             svc.log = logs / (svc.name.split(" ")[0].lower().replace(".", "") + ".log")
             with open(svc.log, "ab") as log:
                 svc.proc = subprocess.Popen(svc.argv, env={**env, **svc.env}, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, cwd=settings.REPO_ROOT, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, cwd=settings.REPO_ROOT, start_new_session=True,
+                                            preexec_fn=_default_signals)
             self.out(f"started {svc.name} (pid {svc.proc.pid}, log {svc.log})")
         self._wait_ready(timeout_s)
         urls = {svc.name: svc.ui_url for svc in self.services}
