@@ -112,6 +112,11 @@ class Endpoint(_Strict):
         return v.rstrip("/")
 
     @property
+    def openai_compatible(self) -> bool:
+        """Streams /v1/completions: what the benchmark harness drives. Triton's own API is KServe v2."""
+        return self.kind in ("vllm", "llamacpp", "openai")
+
+    @property
     def port(self) -> int:
         from urllib.parse import urlsplit
 

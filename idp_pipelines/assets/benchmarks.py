@@ -42,12 +42,13 @@ def _fmt(v, unit: str = "") -> str:
 
 
 def build(lab: Lab) -> dg.Definitions:
-    endpoint_names = [e.name for e in lab.endpoints]
+    benchmarked = [e for e in lab.endpoints if e.openai_compatible]  # Triton's own API is KServe v2
+    endpoint_names = [e.name for e in benchmarked]
     endpoint_partitions = dg.StaticPartitionsDefinition(endpoint_names)
     hosts = list(dict.fromkeys(e.host for e in lab.endpoints))
     host_partitions = dg.StaticPartitionsDefinition(hosts)
     served = {}
-    for e in lab.endpoints:
+    for e in benchmarked:
         if e.model:
             served.setdefault(e.model, []).append(e.name)
 
@@ -296,7 +297,7 @@ def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, n
     cursor = json.loads(context.cursor) if context.cursor else {}
     debounce = inv.benchmarks.debounce_s
     requests, waiting = [], []
-    for ep in inv.endpoints:
+    for ep in (e for e in inv.endpoints if e.openai_compatible):
         fp = settings_fingerprint(inv, ep.name)
         entry = cursor.setdefault(ep.name, {"settings": fp})
         reasons = []

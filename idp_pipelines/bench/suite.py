@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from idp_pipelines.bench.client import BenchClient, EndpointConfig, Workload
+from idp_pipelines.bench.client import BenchClient, BenchError, EndpointConfig, Workload
 from idp_pipelines.bench.load import StepResult, fixed_concurrency, run_step
 from idp_pipelines.bench.metrics import decode_ceiling_tok_s
 from idp_pipelines.bench.server_metrics import scrape_metrics
@@ -182,6 +182,12 @@ def run_endpoint(lab: Lab, endpoint: str, wh: Warehouse, *, trigger: str, dagste
                  log: Callable[[str], None] = lambda m: None) -> RunOutcome:
     """Sweep one endpoint and store the run, its steps and every request; never loses a finished step."""
     ep = lab.endpoint(endpoint)
+    if not ep.openai_compatible:
+        raise BenchError(
+            f"endpoint {ep.name!r} is of kind {ep.kind!r}, whose HTTP API is not OpenAI-compatible. Fix: add its "
+            f"OpenAI-compatible frontend as an endpoint of kind 'openai' (Triton: the openai frontend) and "
+            f"benchmark that."
+        )
     cfg = lab.benchmarks
     concurrencies = concurrency or ep.concurrency or cfg.concurrency
     n = requests_per_step or cfg.requests_per_step
