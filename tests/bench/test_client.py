@@ -22,8 +22,9 @@ def test_role_only_first_chunk_is_not_the_first_token(server, transport):
     step = run(ep)
     for r in step.records:
         assert r.ok, r.error
-        # the role chunk arrives at once; the first content token only after the injected TTFT
-        assert r.t_first_byte < r.t_sent + 0.04
+        # the role chunk arrives first; the first content token only after the injected TTFT (a lower
+        # bound, which a loaded machine can only lengthen: counting the role chunk would give ~0 here)
+        assert r.t_first_byte < r.t_first_token
         assert r.t_first_token - r.t_sent >= 0.045
         assert r.content_chunks == 8 and r.completion_tokens == 8 and r.finish_reason == "length"
 
