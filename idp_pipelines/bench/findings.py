@@ -40,6 +40,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from idp_pipelines.bench.metrics import min_samples_for_percentile
+from idp_pipelines.markdown import md_cell
 
 if TYPE_CHECKING:
     from idp_pipelines.lab import Expectation, Lab
@@ -350,10 +351,6 @@ def measure(con: Any, lab: Lab, expectation: Expectation) -> Measurement:
 # ------------------------------------------------------------------------------------------ the report
 
 
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
 @dataclass
 class FindingsReport:
     lab: str
@@ -416,7 +413,7 @@ class FindingsReport:
             ci = f"[{_fmt(m.lo)}, {_fmt(m.hi)}]" if m and m.has_ci else ("no CI" if m and m.value is not None else "—")
             n = str(m.n) if m and m.n is not None else "—"
             run = m.run_id if m and m.run_id else "—"
-            lines.append("| " + " | ".join(_cell(s) for s in (
+            lines.append("| " + " | ".join(md_cell(s) for s in (
                 x.claim, x.source or "—", f"{x.low:g}–{x.high:g} {x.unit}", measured, ci, n,
                 f"**{v.verdict}**" if v.verdict in (CONFIRMED, REFUTED) else v.verdict, run)) + " |")
         lines += ["", "## What to revise", ""]
