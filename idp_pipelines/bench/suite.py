@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Callable
@@ -86,19 +85,28 @@ class RunOutcome:
                 "error_rate": max((s.get("error_rate") or 0) for s in self.steps)}
 
 
-def _git_sha(path: os.PathLike | str, rev: str = "HEAD") -> str | None:
-    try:
-        out = subprocess.run(["git", "-C", str(path), "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}"],
-                             capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() or None
-
-
 def provenance(lab: Lab) -> dict[str, Any]:
-    """The project's git sha and the head of every watched lab repo branch, at the time of the run."""
-    return {"project_git_sha": _git_sha(REPO_ROOT),
-            "lab_git_shas": {f"{r.name}:{b}": _git_sha(r.path, b) for r in lab.git_repos for b in r.branches}}
+    """The project's git sha and the head of every watched lab repo branch, at the time of the run.
+
+    Uses the knowledge domain's git reader (one `for-each-ref` per repo); a repo that cannot be read
+    records None rather than failing the benchmark.
+    """
+    from idp_pipelines.notes.git import GitError, git, resolve_refs
+
+    def heads(repo: os.PathLike | str, branches: list[str]) -> dict[str, str | None]:
+        try:
+            return resolve_refs(repo, branches)
+        except GitError:
+            return dict.fromkeys(branches)
+
+    try:
+        project = git(REPO_ROOT, "rev-parse", "--verify", "--quiet", "HEAD^{commit}", ok=(0, 1),
+                      timeout=10).decode().strip() or None
+    except GitError:
+        project = None
+    return {"project_git_sha": project,
+            "lab_git_shas": {f"{r.name}:{b}": sha for r in lab.git_repos
+                             for b, sha in heads(r.path, r.branches).items()}}
 
 
 def bandwidth_for(lab: Lab, ep: Endpoint) -> float | None:
