@@ -12,11 +12,12 @@ from __future__ import annotations
 import codecs
 import contextlib
 import gc
+import itertools
 import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -228,15 +229,26 @@ def decode(raw: bytes, encoding: str | None = None) -> str:
     return raw.decode("latin-1", "replace")
 
 
-def _when(raw: bytes) -> datetime:
-    """git's raw date ('1700000000 +0200') as an aware datetime in that zone."""
+_RAW_TZ = re.compile(rb"[+-][0-9]{4}")
+_MIN_EPOCH, _MAX_EPOCH = -62_135_596_800 + 86_400, 253_402_300_799 - 86_400  # years 1-9999 in any zone
+
+
+def _raw_date(raw: bytes) -> tuple[int, str]:
+    """git's raw date ('1700000000 +0200') as epoch seconds and zone; a malformed one is the epoch in UTC."""
+    secs, _, tz = raw.partition(b" ")
     try:
-        secs, _, tz = raw.decode("ascii").partition(" ")
-        sign = -1 if tz.startswith("-") else 1
-        off = timedelta(hours=int(tz[1:3]), minutes=int(tz[3:5])) * sign
-        return datetime.fromtimestamp(int(secs), timezone(off))
-    except (ValueError, IndexError, OverflowError):
-        return datetime.fromtimestamp(0, timezone.utc)
+        s = int(secs)
+    except ValueError:
+        return 0, "+0000"
+    if not _MIN_EPOCH <= s <= _MAX_EPOCH or not _RAW_TZ.fullmatch(tz):
+        return 0, "+0000"
+    return s, tz.decode("ascii")
+
+
+def _when(epoch: int, tz: str) -> datetime:
+    """Epoch seconds and a '+0200' zone as an aware datetime in that zone."""
+    sign = -1 if tz.startswith("-") else 1
+    return datetime.fromtimestamp(epoch, timezone(timedelta(hours=int(tz[1:3]), minutes=int(tz[3:5])) * sign))
 
 
 def _split_message(msg: str) -> tuple[str, str]:
@@ -251,9 +263,138 @@ def _num(raw: bytes) -> int | None:
     return None if raw == b"-" else int(raw)
 
 
-def parse_log(out: bytes) -> list[Commit]:
+class CommitBatch(Sequence[Commit]):
+    """Commits as columns: what the parser fills and DuckDB scans, without an object per commit or file.
+
+    Indexing or iterating gives `Commit` views (built on demand, for callers that want rows). A commit's
+    file changes are the slice `file_end[i-1]:file_end[i]` of the flat file columns.
+    """
+
+    def __init__(self) -> None:
+        self.sha: list[str] = []
+        self.parents: list[str] = []  # space-separated, as git prints them
+        self.encoding: list[str | None] = []
+        self.author_name: list[str] = []
+        self.author_email: list[str] = []
+        self.author_epoch: list[int] = []
+        self.author_tz: list[str] = []  # '+0200'
+        self.committer_name: list[str] = []
+        self.committer_email: list[str] = []
+        self.commit_epoch: list[int] = []
+        self.commit_tz: list[str] = []
+        self.subject: list[str] = []
+        self.body: list[str] = []
+        self.file_end: list[int] = []
+        self.file_path: list[str] = []
+        self.file_insertions: list[int | None] = []  # None for a binary file
+        self.file_deletions: list[int | None] = []
+        self.file_old_path: list[str | None] = []  # set when the change is a rename
+
+    _COMMIT_COLUMNS = ("sha", "parents", "encoding", "author_name", "author_email", "author_epoch", "author_tz",
+                       "committer_name", "committer_email", "commit_epoch", "commit_tz", "subject", "body")
+    _FILE_COLUMNS = ("file_path", "file_insertions", "file_deletions", "file_old_path")
+
+    def __len__(self) -> int:
+        return len(self.sha)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        lo, hi = (self.file_end[i - 1] if i else 0), self.file_end[i]
+        files = tuple(FileChange(self.file_path[k], self.file_insertions[k], self.file_deletions[k],
+                                 self.file_old_path[k]) for k in range(lo, hi))
+        return Commit(sha=self.sha[i], parents=tuple(self.parents[i].split()), encoding=self.encoding[i],
+                      author_name=self.author_name[i], author_email=self.author_email[i],
+                      author_time=_when(self.author_epoch[i], self.author_tz[i]),
+                      committer_name=self.committer_name[i], committer_email=self.committer_email[i],
+                      commit_time=_when(self.commit_epoch[i], self.commit_tz[i]),
+                      subject=self.subject[i], body=self.body[i], files=files)
+
+    def extend(self, other: CommitBatch) -> None:
+        offset = self.file_end[-1] if self.file_end else 0
+        for name in self._COMMIT_COLUMNS + self._FILE_COLUMNS:
+            getattr(self, name).extend(getattr(other, name))
+        self.file_end.extend(e + offset for e in other.file_end)
+
+    def parse(self, tokens: Iterator[bytes], tok: bytes | None = None, limit: int | None = None) -> bytes | None:
+        """Append commits from the NUL-separated tokens of `git log -z --numstat -M --format=_FORMAT`.
+
+        `tok` is a token already taken from `tokens`. Stops after `limit` commits and returns the token
+        that starts the next one (None when the tokens are used up), to be passed to the next call.
+        """
+        sha, parents, encoding = self.sha.append, self.parents.append, self.encoding.append
+        a_name, a_email, a_epoch, a_tz = (self.author_name.append, self.author_email.append,
+                                          self.author_epoch.append, self.author_tz.append)
+        c_name, c_email, c_epoch, c_tz = (self.committer_name.append, self.committer_email.append,
+                                          self.commit_epoch.append, self.commit_tz.append)
+        subjects, bodies, file_end = self.subject.append, self.body.append, self.file_end.append
+        paths, ins, dels, olds = (self.file_path.append, self.file_insertions.append, self.file_deletions.append,
+                                  self.file_old_path.append)
+        n_files = self.file_end[-1] if self.file_end else 0
+        stop = len(self.sha) + limit if limit else -1
+        if tok is None:
+            tok = next(tokens, None)
+        while tok is not None:
+            if len(self.sha) == stop:
+                return tok
+            if not tok.startswith(_HEADER):
+                tok = next(tokens, None)  # trailing newline / empty token
+                continue
+            f = [tok, *itertools.islice(tokens, _NFIELDS - 1)]
+            if len(f) != _NFIELDS:
+                raise GitError("git log output was cut off (truncated read)")
+            enc = f[2].decode("ascii", "replace") or None
+            subject, body = _split_message(decode(f[9], enc))
+            sha(f[0][1:].decode("ascii"))
+            parents(f[1].decode("ascii"))
+            encoding(enc)
+            a_name(decode(f[3], enc))
+            a_email(decode(f[4], enc))
+            t, z = _raw_date(f[5])
+            a_epoch(t)
+            a_tz(z)
+            c_name(decode(f[6], enc))
+            c_email(decode(f[7], enc))
+            t, z = _raw_date(f[8])
+            c_epoch(t)
+            c_tz(z)
+            subjects(subject)
+            bodies(body)
+            tok = next(tokens, None)
+            # numstat follows the commit's terminator as "\n<ins>\t<del>\t<path>" or, for a rename,
+            # "<ins>\t<del>\t" then the old and new paths as two more tokens
+            if tok is not None and tok.startswith(b"\n"):
+                tok = tok[1:]
+                while tok and not tok.startswith(_HEADER):
+                    parts = tok.split(b"\t", 2)
+                    if len(parts) != 3:
+                        break
+                    i, d, path = parts
+                    if path:
+                        paths(decode(path))
+                        olds(None)
+                    else:
+                        old, new = next(tokens, b""), next(tokens, b"")
+                        paths(decode(new))
+                        olds(decode(old))
+                    ins(None if i == b"-" else int(i))
+                    dels(None if d == b"-" else int(d))
+                    n_files += 1
+                    tok = next(tokens, None)
+            file_end(n_files)
+        return None
+
+
+def parse_log(out: bytes) -> CommitBatch:
     """Parse `git log -z --numstat -M --format=_FORMAT` output."""
-    return list(parse_tokens(iter(out.split(b"\0"))))
+    batch = CommitBatch()
+    with no_gc():
+        batch.parse(iter(out.split(b"\0")))
+    return batch
 
 
 def _stream_tokens(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
@@ -267,51 +408,10 @@ def _stream_tokens(stream, chunk: int = 1 << 20) -> Iterator[bytes]:
         yield rest
 
 
-def parse_tokens(tokens: Iterator[bytes]) -> Iterator[Commit]:
-    """Commits from the NUL-separated tokens of `git log -z --numstat -M --format=_FORMAT`."""
-    tok = next(tokens, None)
-    while tok is not None:
-        if not tok.startswith(_HEADER):
-            tok = next(tokens, None)  # trailing newline / empty token
-            continue
-        f = [tok]
-        for _ in range(_NFIELDS - 1):
-            nxt = next(tokens, None)
-            if nxt is None:
-                raise GitError("git log output was cut off (truncated read)")
-            f.append(nxt)
-        enc = f[2].decode("ascii", "replace") or None
-        subject, body = _split_message(decode(f[9], enc))
-        files: list[FileChange] = []
-        tok = next(tokens, None)
-        # numstat follows the commit's terminator as "\n<ins>\t<del>\t<path>" or, for a rename,
-        # "<ins>\t<del>\t" then the old and new paths as two more tokens
-        if tok is not None and tok.startswith(b"\n"):
-            tok = tok[1:]
-            while tok and not tok.startswith(_HEADER):
-                parts = tok.split(b"\t", 2)
-                if len(parts) != 3:
-                    break
-                ins, dels, path = parts
-                if path:
-                    files.append(FileChange(decode(path), _num(ins), _num(dels)))
-                else:
-                    old, new = next(tokens, b""), next(tokens, b"")
-                    files.append(FileChange(decode(new), _num(ins), _num(dels), decode(old)))
-                tok = next(tokens, None)
-        yield Commit(
-            sha=f[0][1:].decode("ascii"),
-            parents=tuple(p.decode("ascii") for p in f[1].split()),
-            encoding=enc,
-            author_name=decode(f[3], enc), author_email=decode(f[4], enc), author_time=_when(f[5]),
-            committer_name=decode(f[6], enc), committer_email=decode(f[7], enc), commit_time=_when(f[8]),
-            subject=subject, body=body, files=tuple(files),
-        )
-
-
 @contextlib.contextmanager
-def _no_gc() -> Iterator[None]:
-    """Building 100k small objects triggers the cyclic GC again and again; none of them form cycles."""
+def no_gc() -> Iterator[None]:
+    """For bulk work on 100k commits (parse, load, render): it allocates millions of small objects, none
+    of which form cycles, so the cyclic GC would only rescan them again and again. Also a decorator."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -329,58 +429,104 @@ def log_args(include: Sequence[str], exclude: Sequence[str] = (), max_count: int
     return [*args, *include, *(f"^{x}" for x in exclude), "--"]
 
 
-def read_commits(repo: str | os.PathLike[str], include: Sequence[str], exclude: Sequence[str] = (),
-                 max_count: int | None = None) -> list[Commit]:
-    """Commits reachable from `include` but not `exclude`, newest first, with their file changes.
+BATCH_COMMITS = 10_000  # commits per batch handed on while git log still runs (bounds memory)
 
-    Parsed while git writes, from its pipe: on two cores the parse mostly hides behind git's diffing.
+
+def iter_log(repo: str | os.PathLike[str], include: Sequence[str] = (), exclude: Sequence[str] = (),
+             max_count: int | None = None, *, listed: Sequence[str] | None = None,
+             batch_size: int = BATCH_COMMITS) -> Iterator[CommitBatch]:
+    """Commits reachable from `include` but not `exclude` (or exactly the `listed` shas), newest first,
+    with their file changes, in batches of `batch_size` as git writes them.
+
+    Parsed from git's pipe while it works: on two cores the parse hides behind git's diffing, and a
+    caller can store one batch while the next is read. Stopping early stops git.
     """
-    if not include:
-        return []
     path = Path(repo)
     if not path.is_dir():
         raise RepoUnavailable(f"git repo {path} does not exist. Fix: correct git_repos[].path in the lab inventory.")
-    cmd = ["git", "-C", str(path), *_CONFIG, *log_args(include, exclude, max_count)]
+    if listed is not None:
+        # git reads all of stdin before it writes anything, so writing it first cannot deadlock
+        args = [*log_args([], [])[:-1], "--no-walk=unsorted", "--stdin", "--"]
+    else:
+        args = log_args(include, exclude, max_count)
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=_env())
+        proc = subprocess.Popen(["git", "-C", str(path), *_CONFIG, *args], stdout=subprocess.PIPE, stderr=err,
+                                stdin=subprocess.PIPE if listed is not None else subprocess.DEVNULL, env=_env())
         try:
-            with _no_gc():
-                commits = list(parse_tokens(_stream_tokens(proc.stdout)))
-        finally:
-            proc.stdout.close()
+            if listed is not None:
+                try:
+                    proc.stdin.write("".join(f"{sha}\n" for sha in listed).encode())
+                    proc.stdin.close()
+                except BrokenPipeError:
+                    pass  # git failed early; its exit status and stderr say why
+            tokens = _stream_tokens(proc.stdout)
+            tok = next(tokens, None)
+            while tok is not None:
+                batch = CommitBatch()
+                with no_gc():
+                    tok = batch.parse(tokens, tok, limit=batch_size)
+                yield batch
             rc = proc.wait()
+        finally:
+            if proc.poll() is None:  # the caller stopped early (or the parse failed): stop git too
+                proc.kill()
+            proc.stdout.close()
+            proc.wait()
         if rc != 0:
             err.seek(0)
             text = err.read().decode("utf-8", "replace").strip()
             cls = RepoUnavailable if _unavailable(text) else GitError
             raise cls(f"git log in {path} failed ({rc}): {text[:500]}")
-    return commits
+
+
+def read_commits(repo: str | os.PathLike[str], include: Sequence[str], exclude: Sequence[str] = (),
+                 max_count: int | None = None) -> CommitBatch:
+    """All commits reachable from `include` but not `exclude`, newest first, as one batch."""
+    out = CommitBatch()
+    if include:
+        for batch in iter_log(repo, include, exclude, max_count):
+            out.extend(batch)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- sync
+
+
+Sink = Callable[[str, CommitBatch], None]
 
 
 @dataclass
 class Sync:
     """What one repo sync found: new commits, branch membership, rewritten-away shas, new heads."""
 
-    commits: list[Commit] = field(default_factory=list)
+    batches: list[tuple[str, CommitBatch]] = field(default_factory=list)  # (branch read, commits), kept
+    # only when no sink took them
+    read: int = 0  # commits read from git (stored or not)
     members: dict[str, list[str]] = field(default_factory=dict)  # branch -> shas new on that branch
     rewritten: list[str] = field(default_factory=list)  # no longer reachable from any watched head
     heads: dict[str, str] = field(default_factory=dict)
     moves: dict[str, Move] = field(default_factory=dict)
     messages: list[str] = field(default_factory=list)
 
+    @property
+    def commits(self) -> CommitBatch:
+        out = CommitBatch()
+        for _, batch in self.batches:
+            out.extend(batch)
+        return out
+
 
 def sync_repo(repo: str | os.PathLike[str], branches: Sequence[str], old_heads: dict[str, str],
-              *, max_new: int | None = None) -> Sync:
+              *, max_new: int | None = None, sink: Sink | None = None,
+              batch_size: int = BATCH_COMMITS) -> Sync:
     """Read what is new on each watched branch since `old_heads` (from the warehouse).
 
     Each commit's diff is read once even when several branches share it; branch membership comes from
     `git rev-list` (no diffs, cheap). On a rewrite (force-push) the commits between the merge base and
     the old head that no watched branch still reaches are returned in `rewritten`. A remembered head
     that no longer exists (gc, shallow clone) means re-reading from the new head; the caller drops
-    commits it already has.
+    commits it already has. With a `sink`, each batch of commits goes to it (with the branch it was
+    read for) as soon as it is parsed, and is not kept: memory stays bounded on any history.
     """
     sync = Sync()
     current = resolve_refs(repo, branches)
@@ -413,29 +559,24 @@ def sync_repo(repo: str | os.PathLike[str], branches: Sequence[str], old_heads: 
     for branch in list(sync.members):
         move = sync.moves[branch]
         limit = max_new if move.kind in ("first", "cursor-missing") else None
-        if not seen:
-            got = read_commits(repo, [move.new], move.exclude, max_count=limit)
-            shas = [c.sha for c in got]
+        walk = not seen  # this branch's own `git log` lists its members
+        if walk:
+            shas: list[str] = []
+            batches = iter_log(repo, [move.new], move.exclude, max_count=limit, batch_size=batch_size)
         else:
             shas = rev_list(repo, [move.new], move.exclude)[:limit]
-            got = _read_listed(repo, [s for s in shas if s not in seen])
+            todo = [s for s in shas if s not in seen]
+            batches = iter_log(repo, listed=todo, batch_size=batch_size) if todo else iter(())
+        for batch in batches:
+            if walk:
+                shas.extend(batch.sha)
+            seen.update(batch.sha)
+            sync.read += len(batch)
+            if sink is not None:
+                sink(branch, batch)
+            else:
+                sync.batches.append((branch, batch))
         if limit and len(shas) >= limit:
             sync.messages.append(f"{branch}: read at most the newest {limit} commits (max_new_commits)")
         sync.members[branch] = shas
-        sync.commits.extend(got)
-        seen.update(c.sha for c in got)
     return sync
-
-
-def _read_listed(repo, shas: list[str]) -> list[Commit]:
-    """Read exactly these commits, in one git call (the shas go to git's stdin)."""
-    if not shas:
-        return []
-    cmd = ["git", "-C", str(repo), *_CONFIG, *log_args([], [])[:-1], "--no-walk=unsorted", "--stdin", "--"]
-    proc = subprocess.run(cmd, input="\n".join(shas).encode() + b"\n", capture_output=True, timeout=3600.0,
-                          env=_env())
-    if proc.returncode != 0:
-        raise GitError(f"git log --stdin in {repo} failed ({proc.returncode}): "
-                       f"{proc.stderr.decode('utf-8', 'replace')[:500]}")
-    with _no_gc():
-        return parse_log(proc.stdout)

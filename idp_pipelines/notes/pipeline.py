@@ -2,81 +2,196 @@
 
 import json
 import os
+import queue
+import threading
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
 from idp_pipelines.lab import Lab
+from idp_pipelines.notes.git import BATCH_COMMITS, CommitBatch, Sync, no_gc, sync_repo
 
 DAGSTER_URL_ENV = "IDP_DAGSTER_URL"
 
 
-def store_sync(con, repo: str, sync, run_id: Optional[str]) -> int:
-    """Insert new commits (those already stored are kept as they are), branch membership, rewrites, heads."""
-    # A dict of NumPy arrays: DuckDB scans it directly, without the ~0.5 s import of pandas that both a
-    # DataFrame and pyarrow's first conversion cost. Lists travel space-joined (git forbids spaces in
-    # shas and branch names) and times as epoch microseconds.
+def sync_to_warehouse(wh, repo: str, path, branches: Sequence[str], *, run_id: Optional[str] = None,
+                      max_new: Optional[int] = None, batch_size: int = BATCH_COMMITS,
+                      progress: Optional[Callable[[int, int], None]] = None) -> tuple[Sync, int]:
+    """Read what is new in a repo with git and store it; returns the sync and the commits inserted.
+
+    A writer thread inserts and commits each batch of commits while git reads the next: DuckDB's work
+    (checkpoints included) hides behind git's, and memory stays bounded on any history. The warehouse
+    lock is taken when the first batch arrives and held until the end (a no-change sync holds it for
+    milliseconds, the first sync of a 100k-commit repo for the few seconds git takes). Branch membership,
+    rewrites and heads are written last, in the final transaction: after a crash the stored batches stay
+    (nothing read is lost) and the next sync, starting from the old heads, reads the same range again
+    and skips what is stored. `progress(read, stored)` is called from this thread after each batch.
+    """
+    with wh.read() as con:
+        old = dict(con.execute("SELECT branch, head_sha FROM git_branch_heads WHERE repo = ?", [repo]).fetchall())
+    writer = _Writer(wh, repo, run_id)
+    read = 0
+
+    def sink(branch: str, batch: CommitBatch) -> None:
+        nonlocal read
+        writer.put(("batch", (branch, batch)))
+        read += len(batch)
+        if progress is not None:
+            progress(read, writer.stored)
+
+    try:
+        sync = sync_repo(path, branches, old, max_new=max_new, sink=sink, batch_size=batch_size)
+        writer.put(("refs", sync))
+    except BaseException:
+        writer.abort()
+        raise
+    writer.join()
+    return sync, writer.inserted
+
+
+class _Writer:
+    """A thread holding the warehouse: each queued batch is inserted and committed, ("refs", sync) ends.
+
+    At most two batches wait in the queue, so a slow disk slows the read instead of filling memory.
+    """
+
+    _ABORT = ("abort", None)
+
+    def __init__(self, wh, repo: str, run_id: Optional[str]) -> None:
+        self._wh, self._repo, self._run_id = wh, repo, run_id
+        self._now = datetime.now(timezone.utc)
+        self._queue: queue.Queue = queue.Queue(maxsize=2)
+        self.error: Optional[BaseException] = None
+        self.inserted = self.stored = 0
+        self._thread = threading.Thread(target=self._run, name=f"git-commits-writer[{repo}]", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        item = self._queue.get()
+        if item is self._ABORT:
+            return
+        try:
+            with self._wh.write() as con:
+                # checkpoint at each batch's commit (in this thread, while git works), not all at the end
+                con.execute("SET checkpoint_threshold = '1MB'")
+                while item is not self._ABORT:
+                    kind, payload = item
+                    if kind == "refs":
+                        con.execute("RESET checkpoint_threshold")
+                        store_refs(con, self._repo, payload, self._run_id, self._now)
+                        return  # commits
+                    branch, batch = payload
+                    self.inserted += insert_commits(con, self._repo, batch, branch, self._run_id, self._now)
+                    con.execute("COMMIT; BEGIN")  # DuckDB checkpoints as it goes, while git still reads
+                    self.stored += len(batch)
+                    item = self._queue.get()
+                raise _Aborted()  # ends the open transaction (empty: each batch was committed)
+        except _Aborted:
+            return
+        except BaseException as exc:  # handed to the reading thread
+            self.error = exc
+            while item[0] == "batch":  # drain, so that put() never blocks forever
+                item = self._queue.get()
+
+    def put(self, item: tuple) -> None:
+        if self.error is not None:
+            raise self.error
+        self._queue.put(item)
+
+    def abort(self) -> None:
+        self._queue.put(self._ABORT)
+        self._thread.join()
+
+    def join(self) -> None:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+
+
+class _Aborted(Exception):
+    pass
+
+
+def store_sync(con, repo: str, sync: Sync, run_id: Optional[str]) -> int:
+    """Store a sync read without a sink (all in one transaction): its commits, then membership and heads."""
+    now = datetime.now(timezone.utc)
+    inserted = sum(insert_commits(con, repo, batch, branch, run_id, now) for branch, batch in sync.batches)
+    store_refs(con, repo, sync, run_id, now)
+    return inserted
+
+
+def insert_commits(con, repo: str, batch: CommitBatch, branch: str, run_id: Optional[str], now: datetime) -> int:
+    """Insert a batch of commits read for `branch`; those already stored are kept as they are."""
+    # The parser's columns go to DuckDB as NumPy arrays, which it scans directly (no pandas, whose import
+    # alone costs ~0.5 s). Each commit's files JSON and line counts are built by DuckDB from the flat file
+    # columns; parents travel space-joined (git forbids spaces in shas).
     import numpy as np
 
-    now = datetime.now(timezone.utc)
-    inserted = 0
-    if sync.commits:
-        on: dict[str, list[str]] = {}
-        for branch, shas in sync.members.items():
-            for sha in shas:
-                on.setdefault(sha, []).append(branch)
-        seen: set[str] = set()
-        commits = [c for c in sync.commits if not (c.sha in seen or seen.add(c.sha))]
+    if not len(batch):
+        return 0
 
-        def text(values) -> np.ndarray:
-            return np.array(list(values), dtype=object)
+    def text(values) -> np.ndarray:
+        return np.array(values, dtype=object)
 
-        def ints(values) -> np.ndarray:
-            return np.fromiter(values, dtype=np.int64, count=len(commits))
-
-        table = {
-            "sha": text(c.sha for c in commits),
-            "parents": text(" ".join(c.parents) for c in commits),
-            "author_name": text(c.author_name for c in commits),
-            "author_email": text(c.author_email for c in commits),
-            "author_us": ints(round(c.author_time.timestamp() * 1e6) for c in commits),
-            "author_tz": text(c.author_tz for c in commits),
-            "committer_name": text(c.committer_name for c in commits),
-            "committer_email": text(c.committer_email for c in commits),
-            "commit_us": ints(round(c.commit_time.timestamp() * 1e6) for c in commits),
-            "commit_tz": text(c.commit_tz for c in commits),
-            "subject": text(c.subject for c in commits),
-            "body": text(c.body for c in commits),
-            "files": text(json.dumps([f.to_json() for f in c.files], ensure_ascii=False) for c in commits),
-            "files_changed": ints(len(c.files) for c in commits),
-            "insertions": ints(c.insertions for c in commits),
-            "deletions": ints(c.deletions for c in commits),
-            "encoding": text(c.encoding for c in commits),
-            "branches": text(" ".join(on.get(c.sha, ())) for c in commits),
-        }
-        con.register("new_commits", table)
+    n = len(batch)
+    file_end = np.array(batch.file_end, dtype=np.int64)
+    con.register("new_commits", {
+        "idx": np.arange(n, dtype=np.int64),
+        **{name: text(getattr(batch, name)) for name in (
+            "sha", "parents", "author_name", "author_email", "author_tz", "committer_name", "committer_email",
+            "commit_tz", "subject", "body", "encoding")},
+        "author_s": np.array(batch.author_epoch, dtype=np.int64),
+        "commit_s": np.array(batch.commit_epoch, dtype=np.int64),
+    })
+    con.register("new_files", {
+        "idx": np.repeat(np.arange(n, dtype=np.int64), np.diff(file_end, prepend=0)),
+        "pos": np.arange(len(batch.file_path), dtype=np.int64),
+        "path": text(batch.file_path),
+        "ins": text(batch.file_insertions),  # None (binary) becomes NULL
+        "dels": text(batch.file_deletions),
+        "old_path": text(batch.file_old_path),
+    })
+    try:
         # DuckDB answers an INSERT with the number of rows it inserted
-        inserted = con.execute(
+        return con.execute(
             """
+            WITH f AS (
+                SELECT idx, count(*) AS files_changed, sum(coalesce(ins, 0)) AS insertions,
+                    sum(coalesce(dels, 0)) AS deletions,
+                    to_json(list(CASE WHEN old_path IS NULL
+                        THEN json_object('path', path, 'insertions', ins, 'deletions', dels)
+                        ELSE json_object('path', path, 'insertions', ins, 'deletions', dels, 'old_path', old_path)
+                        END ORDER BY pos)) AS files
+                FROM new_files GROUP BY idx)
             INSERT INTO git_commits (repo, sha, parents, author_name, author_email, author_time, author_tz,
                 committer_name, committer_email, commit_time, commit_tz, subject, body, files, files_changed,
                 insertions, deletions, encoding, branches, rewritten, first_seen_at, dagster_run_id)
             SELECT ?, n.sha, CASE WHEN n.parents = '' THEN []::VARCHAR[] ELSE string_split(n.parents, ' ') END,
-                n.author_name, n.author_email, make_timestamptz(n.author_us), n.author_tz, n.committer_name,
-                n.committer_email, make_timestamptz(n.commit_us), n.commit_tz, n.subject, n.body, n.files::JSON,
-                n.files_changed, n.insertions, n.deletions, n.encoding,
-                CASE WHEN n.branches = '' THEN []::VARCHAR[] ELSE string_split(n.branches, ' ') END, false, ?, ?
-            FROM new_commits n ANTI JOIN (SELECT sha FROM git_commits WHERE repo = ?) g ON g.sha = n.sha
+                n.author_name, n.author_email, make_timestamptz(n.author_s * 1000000), n.author_tz, n.committer_name,
+                n.committer_email, make_timestamptz(n.commit_s * 1000000), n.commit_tz, n.subject, n.body,
+                coalesce(f.files, '[]'::JSON), coalesce(f.files_changed, 0), coalesce(f.insertions, 0),
+                coalesce(f.deletions, 0), n.encoding, [?]::VARCHAR[], false, ?, ?
+            FROM new_commits n LEFT JOIN f ON f.idx = n.idx
+            ANTI JOIN (SELECT sha FROM git_commits WHERE repo = ?) g ON g.sha = n.sha
             """,
-            [repo, now, run_id, repo],
+            [repo, branch, now, run_id, repo],
         ).fetchone()[0]
+    finally:
         con.unregister("new_commits")
+        con.unregister("new_files")
+
+
+def store_refs(con, repo: str, sync: Sync, run_id: Optional[str], now: datetime) -> None:
+    """Branch membership of the new commits, commits rewritten away, and the new heads."""
+    import numpy as np
+
     for branch, shas in sync.members.items():
         if not shas:
             continue
-        con.register("branch_shas", {"sha": np.array(list(shas), dtype=object)})
-        # commits stored before and now on this branch too; one seen again on a watched branch is not
-        # rewritten (any more)
+        con.register("branch_shas", {"sha": np.array(shas, dtype=object)})
+        # commits stored before and now on this branch too (or read for another branch); one seen again
+        # on a watched branch is not rewritten (any more)
         con.execute(
             """
             UPDATE git_commits SET
@@ -95,13 +210,13 @@ def store_sync(con, repo: str, sync, run_id: Optional[str]) -> int:
     for branch, head in sync.heads.items():
         con.execute("INSERT OR REPLACE INTO git_branch_heads (repo, branch, head_sha, synced_at, dagster_run_id) "
                     "VALUES (?, ?, ?, ?, ?)", [repo, branch, head, now, run_id]).fetchall()
-    return inserted
 
 
 # Cheap SQL prefilter for commits that may touch a service config; render.is_service_config decides.
 _CONFIG_HINT = r"(\.ya?ml|\.env|\.conf|nginx|prometheus|dockerfile|\.service|triton|deploy/|vllm|llama)"
 
 
+@no_gc()
 def load_note_data(con, inv: Lab) -> dict:
     """Rows for the notes: commits, benchmark runs with their steps and MLflow links, synced heads."""
     from zoneinfo import ZoneInfo
@@ -110,8 +225,9 @@ def load_note_data(con, inv: Lab) -> dict:
 
     con.execute("SET TimeZone = 'UTC'")
     rows = con.execute(
-        "SELECT repo, sha, author_name, epoch(author_time), epoch(commit_time), subject, insertions, deletions, "
-        "files_changed, parents, rewritten FROM git_commits").fetchall()
+        "SELECT repo, sha, coalesce(author_name, ''), epoch(author_time), epoch(commit_time), coalesce(subject, ''), "
+        "coalesce(insertions, 0), coalesce(deletions, 0), coalesce(files_changed, 0), len(parents), rewritten "
+        "FROM git_commits").fetchall()
     configs: dict[tuple[str, str], tuple[str, ...]] = {}
     hinted = con.execute(
         "SELECT repo, sha, files FROM git_commits WHERE regexp_matches(lower(files::VARCHAR), ?)",
@@ -121,17 +237,15 @@ def load_note_data(con, inv: Lab) -> dict:
         if paths:
             configs[(repo, sha)] = paths
     utc = ZoneInfo("UTC")
+    # times in the lab's zone from the start, so rendering them in that zone costs nothing more
+    tz = layout_for(inv).tz
+    at = datetime.fromtimestamp
 
     def aware(t):
         return t if t is None or t.tzinfo else t.replace(tzinfo=utc)
 
-    def at(epoch):
-        return datetime.fromtimestamp(epoch, timezone.utc)
-
-    commits = [CommitRow(repo=r[0], sha=r[1], author_name=r[2] or "", author_time=at(r[3]),
-                         commit_time=at(r[4]), subject=r[5] or "", insertions=r[6] or 0, deletions=r[7] or 0,
-                         files_changed=r[8] or 0, parents=tuple(r[9] or ()), rewritten=bool(r[10]),
-                         config_files=configs.get((r[0], r[1]), ()))
+    commits = [CommitRow(r[0], r[1], r[2], at(r[3], tz), at(r[4], tz), r[5], r[6], r[7], r[8], r[9] or 0,
+                         bool(r[10]), configs.get((r[0], r[1]), ()))
                for r in rows]
     steps: dict[str, list[dict]] = {}
     cols = ["run_id", "step_index", "step", "concurrency", "n_requests", "n_errors", "requests_per_s",
@@ -168,14 +282,24 @@ def layout_for(inv: Lab):
                   dagster_url=os.environ.get(DAGSTER_URL_ENV) or "http://127.0.0.1:3000")
 
 
+@no_gc()
 def generate_notes(inv: Lab, data: dict, *, recreate: bool = False, fsync: bool = True) -> dict:
-    from idp_pipelines.notes.render import render_all
+    from idp_pipelines.notes.render import iter_notes
     from idp_pipelines.notes.vault import write_notes
 
-    notes = render_all(data["commits"], data["runs"], data["repos"], layout_for(inv))
-    report = write_notes(inv.vault.path, notes, recreate=recreate, fsync=fsync)
+    count = 0
+
+    def counted(notes):
+        nonlocal count
+        for note in notes:
+            count += 1
+            yield note
+
+    # rendered one at a time and written at once: the vault never holds a rendered copy of all notes
+    notes = iter_notes(data["commits"], data["runs"], data["repos"], layout_for(inv))
+    report = write_notes(inv.vault.path, counted(notes), recreate=recreate, fsync=fsync)
     outside = [p for p in report.written if not _inside(inv.vault.path, p)]
-    return {"report": report, "notes": len(notes), "outside": outside}
+    return {"report": report, "notes": count, "outside": outside}
 
 
 def _inside(vault: Path, rel: str) -> bool:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import fnmatch
+import functools
+import heapq
 import html
 import re
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from zoneinfo import ZoneInfo
 
 from idp_pipelines.notes.vault import (
@@ -29,8 +32,9 @@ SERVICE_CONFIG_PATTERNS = (
 )
 
 
-@dataclass(frozen=True)
-class CommitRow:
+class CommitRow(NamedTuple):
+    """One commit as the notes need it (a tuple: the first sync renders 100 000 of them)."""
+
     repo: str
     sha: str
     author_name: str
@@ -40,7 +44,7 @@ class CommitRow:
     insertions: int = 0
     deletions: int = 0
     files_changed: int = 0
-    parents: tuple[str, ...] = ()
+    n_parents: int = 1  # a merge has more than one
     rewritten: bool = False
     config_files: tuple[str, ...] = ()  # service config paths the commit changed
 
@@ -102,15 +106,20 @@ def is_service_config(path: str, patterns: Sequence[str] = SERVICE_CONFIG_PATTER
 
 # ------------------------------------------------------------------------------------------ text
 
-_MD_SPECIAL = re.compile(r"([\\`*_\[\]#<>|%^~=$!{}])")
+# Markdown, wikilink, tag, comment, HTML and table syntax, each escaped with a backslash
+_MD_SPECIAL = re.compile(r"[\\`*_\[\]#<>|%^~=$!{}]")
+
+
+def _backslashed(m: re.Match) -> str:
+    return "\\" + m.group()
 
 
 def md_inline(text: str, limit: int = 160) -> str:
     """Any text as one inert Markdown line: no links, tags, comments, HTML or table breaks."""
-    text = re.sub(r"\s+", " ", clean_text(text)).strip()
+    text = " ".join(clean_text(text).split())  # runs of whitespace (newlines too) become one space
     if len(text) > limit:
         text = text[: limit - 1].rstrip() + "…"
-    return _MD_SPECIAL.sub(r"\\\1", text)
+    return _MD_SPECIAL.sub(_backslashed, text)
 
 
 def tag(*parts: str) -> str:
@@ -120,6 +129,12 @@ def tag(*parts: str) -> str:
         s = re.sub(r"[^a-z0-9_-]+", "-", clean_text(p).lower()).strip("-") or "x"
         out.append(s if not s.isdigit() else f"n{s}")
     return "/".join(out)
+
+
+@functools.lru_cache(maxsize=4096)
+def _author(name: str) -> str:
+    """An author's name for a commit line (a repo has few authors and many commits)."""
+    return md_inline(name, 60)
 
 
 def _fmt(v: float | None, digits: int = 1) -> str:
@@ -155,6 +170,12 @@ def link_configs_to_runs(commits: Iterable[CommitRow], runs: Sequence[BenchRun],
 
 def render_all(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Sequence[RepoInfo],
                layout: Layout = Layout()) -> list[Note | GeneratedFile]:
+    return list(iter_notes(commits, runs, repos, layout))
+
+
+def iter_notes(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Sequence[RepoInfo],
+               layout: Layout = Layout()) -> Iterator[Note | GeneratedFile]:
+    """Every note, one at a time (so they can be written while the next is rendered)."""
     after, on = link_configs_to_runs(commits, runs) if runs else ({}, {})
     by_day: dict[dt.date, list[CommitRow]] = defaultdict(list)
     for c in commits:
@@ -162,29 +183,29 @@ def render_all(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Se
     runs_by_day: dict[dt.date, list[BenchRun]] = defaultdict(list)
     for r in runs:
         runs_by_day[_day(r.started_at, layout.tz)].append(r)
-    out: list[Note | GeneratedFile] = []
     for day in sorted(set(by_day) | set(runs_by_day)):
-        out.append(daily_note(day, by_day.get(day, []), runs_by_day.get(day, []), layout, after))
+        yield daily_note(day, by_day.get(day, []), runs_by_day.get(day, []), layout, after)
     commits_by_repo: dict[str, list[CommitRow]] = defaultdict(list)
     for c in commits:
         commits_by_repo[c.repo].append(c)
     for repo in repos:
-        out.append(repo_note(repo, commits_by_repo.get(repo.name, []), layout))
+        yield repo_note(repo, commits_by_repo.get(repo.name, []), layout)
     previous: dict[str, BenchRun] = {}
     for r in sorted(runs, key=lambda r: r.started_at):
-        out.extend(bench_note(r, layout, on.get(r.run_id), previous.get(r.endpoint)))
+        yield from bench_note(r, layout, on.get(r.run_id), previous.get(r.endpoint))
         if r.status == "complete" or r.best_tok_s is not None:
             previous[r.endpoint] = r
-    return out
 
 
 def _commit_line(c: CommitRow, layout: Layout, after: dict[str, list[BenchRun]]) -> str:
     t = c.author_time.astimezone(layout.tz)
-    stats = f"+{c.insertions} −{c.deletions}, {c.files_changed} file{'s' if c.files_changed != 1 else ''}"
-    merge = " (merge)" if len(c.parents) > 1 else ""
-    text = f"{t:%H:%M} `{c.sha[:10]}` {md_inline(c.subject)}{merge} — {md_inline(c.author_name, 60)} ({stats})"
+    hhmm = f"{t.hour:02d}:{t.minute:02d}"
     if c.rewritten:
-        text = f"~~{t:%H:%M} `{c.sha[:10]}` {md_inline(c.subject)}~~ (rewritten away by a force-push)"
+        text = f"~~{hhmm} `{c.sha[:10]}` {md_inline(c.subject)}~~ (rewritten away by a force-push)"
+    else:
+        stats = f"+{c.insertions} −{c.deletions}, {c.files_changed} file{'s' if c.files_changed != 1 else ''}"
+        merge = " (merge)" if c.n_parents > 1 else ""
+        text = f"{hhmm} `{c.sha[:10]}` {md_inline(c.subject)}{merge} — {_author(c.author_name)} ({stats})"
     lines = [f"- {text}"]
     if c.config_files:
         shown = ", ".join(md_inline(p, 80) for p in c.config_files[:5])
@@ -247,7 +268,7 @@ def repo_note(repo: RepoInfo, commits: list[CommitRow], layout: Layout, recent: 
     summary = (f"Path: `{md_inline(repo.path, 200)}`\n\n| branch | synced head |\n|---|---|\n{heads}\n\n"
                f"{len(live)} commits (+{sum(c.insertions for c in live)} −{sum(c.deletions for c in live)} lines)"
                + (f", {len(commits) - len(live)} rewritten away" if len(commits) != len(live) else ""))
-    newest = sorted(commits, key=lambda c: (c.author_time, c.sha), reverse=True)[:recent]
+    newest = heapq.nlargest(recent, commits, key=lambda c: (c.author_time, c.sha))
     recent_lines = []
     for c in newest:
         d = _day(c.author_time, layout.tz)
