@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -92,23 +91,30 @@ def main() -> None:
         git_log_seconds(repo, ["log", "--oneline", "-n", "10"])  # warm the object store's page cache
         plain = min(git_log_seconds(repo, ["log", "--numstat", "main"]) for _ in range(2))
 
-        data = yaml.safe_load((REPO_ROOT / "labs" / "local.yaml").read_text())
-        data["git_repos"] = [{"name": "big", "path": str(repo), "branches": ["main"]}]
-        data["vault"] = {"path": str(tmp / "vault")}
-        lab_file = tmp / "lab.yaml"
-        lab_file.write_text(yaml.safe_dump(data))
-        inv = load_lab(lab_file)
+        def lab_file_for(vault: Path) -> Path:
+            data = yaml.safe_load((REPO_ROOT / "labs" / "local.yaml").read_text())
+            data["git_repos"] = [{"name": "big", "path": str(repo), "branches": ["main"]}]
+            data["vault"] = {"path": str(vault)}
+            path = vault.parent / "lab.yaml"
+            path.write_text(yaml.safe_dump(data))
+            return path
 
         # A shared VM's disk and CPU vary by +-30 % from one minute to the next: `git log` and the first
-        # sync are timed in turns, ROUNDS times each, and their medians compared.
+        # sync are timed in turns, ROUNDS times each, and their medians compared. Each round gets fresh
+        # directories (deleting the last round's files would load the disk during this one) and starts
+        # with the page cache's dirty pages flushed.
         logs, syncs = [], []
         for round_ in range(ROUNDS):
+            os.sync()
             logs.append(git_log_seconds(repo, same_cmd))
-            for leftover in (tmp / "vault", tmp / "wh.duckdb", tmp / "wh.duckdb.wal"):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink(missing_ok=True)
-            wh = Warehouse(tmp / "wh.duckdb")
+            work = tmp / f"round-{round_ + 1}"
+            work.mkdir()
+            lab_file = lab_file_for(work / "vault")
+            inv = load_lab(lab_file)
+            wh = Warehouse(work / "wh.duckdb")
             with wh.write():
                 pass  # migrations are a one-off, not part of a sync
+            os.sync()
             t0 = time.perf_counter()
             sync, inserted = sync_to_warehouse(wh, "big", repo, ["main"])  # what the git_commits asset runs
             t1 = time.perf_counter()
@@ -142,7 +148,7 @@ def main() -> None:
 
         lab_res = LabResource(path=str(lab_file))
         defs = dg.Definitions.merge(build(inv), dg.Definitions(resources={
-            "lab": lab_res, "warehouse": WarehouseResource(path=str(tmp / "wh.duckdb"))}))
+            "lab": lab_res, "warehouse": WarehouseResource(path=str(work / "wh.duckdb"))}))
         sensor = next(s for s in defs.sensors if s.name == "git_commit_sensor")
         cursor = json.dumps({"big": {"main": sync.heads["main"]}})
         # the daemon evaluates ticks against its one long-lived instance; without one, build_sensor_context

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 from datetime import timedelta
@@ -138,3 +139,26 @@ def test_hostile_branch_and_path_names_are_data_not_arguments(repo):
     assert heads["--all"] is None and heads["-h"] is None and heads["main"]
     (c,) = read_commits(repo.path, ["main"])
     assert sorted(f.path for f in c.files) == ["--help", "a|b#c^[d].txt"]
+
+
+def test_streamed_parse_matches_the_whole_output_at_any_read_and_batch_size(repo):
+    """git writes in pieces: a commit cut anywhere by a read, even inside a rename, parses the same."""
+    repo.commit("\x1e" + "a" * 40 + "\n\nthe subject looks like a header\n", {"tab\there.txt": "same\n" * 5,
+                                                                        "new\nline.txt": "2\n"})
+    repo.commit("Rename a hostile path\n", {"tab\there.txt": None, "moved\there|[x].txt": "same\n" * 5})
+    repo.commit("Nothing changed\n")
+    repo.commit("Caf\xe9\n".encode("latin-1"), {"logo.png": b"\x89PNG\0\1"}, encoding="ISO-8859-1")
+    out = git.git(repo.path, *git.log_args(["main"]))
+    whole = git.parse_log(out)
+    assert [c.subject for c in whole] == ["Café", "Nothing changed", "Rename a hostile path", "\x1e" + "a" * 40]
+    assert [(f.path, f.old_path) for f in whole[2].files] == [("moved\there|[x].txt", "tab\there.txt")]
+    assert sorted(f.path for f in whole[3].files) == ["new\nline.txt", "tab\there.txt"]
+    for chunk in (1, 2, 3, 5, 8, 13, 64, 1000):
+        for batch_size in (1, 3, 100):
+            got = git.CommitBatch()
+            for batch in git._parse_stream(io.BytesIO(out), batch_size, chunk=chunk):
+                assert 0 < len(batch) <= batch_size
+                got.extend(batch)
+            assert list(got) == list(whole), (chunk, batch_size)
+    with pytest.raises(git.GitError, match="cut off"):
+        list(git._parse_stream(io.BytesIO(out[:30]), 10, chunk=7))
