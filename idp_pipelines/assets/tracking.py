@@ -57,8 +57,9 @@ def build(lab: Lab) -> dg.Definitions:
         table = md_table(rows[:MAX_TABLE_ROWS], ["kind", "source", "name", "action", "mlflow_run"])
         if len(rows) > MAX_TABLE_ROWS:
             table += f"\n…and {len(rows) - MAX_TABLE_ROWS} more (all in DuckDB table mlflow_runs).\n"
-        context.log.info(f"MLflow {uri}: {len(report.logged)} run(s) logged, {report.up_to_date} already there, "
-                         f"{report.refreshed} refreshed, in {report.seconds:.1f} s")
+        context.log.info(f"MLflow {uri}: {len(report.logged)} run(s) logged ({report.relogged} of them again: "
+                         f"gone from MLflow), {report.up_to_date} already there, {report.refreshed} refreshed, in "
+                         f"{report.seconds:.1f} s")
         metadata = {
             "tracking_uri": dg.MetadataValue.url(uri) if uri.startswith("http") else uri,
             "benchmark_runs_logged": report.count(BENCHMARK),
@@ -67,6 +68,7 @@ def build(lab: Lab) -> dg.Definitions:
             "found_complete_in_mlflow": sum(1 for r in report.logged if r.action == "found"),
             "already_logged": report.up_to_date,
             "refreshed": report.refreshed,
+            "logged_again_gone_from_mlflow": report.relogged,
             "seconds": dg.MetadataValue.float(round(report.seconds, 2)),
             "logged_this_time": dg.MetadataValue.md(table if rows else "nothing new: MLflow has every run"),
         }

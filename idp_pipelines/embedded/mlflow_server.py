@@ -43,12 +43,13 @@ def migrated_template(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def local_mlflow_server(store: Path, *, template: Path | None = None, timeout_s: float = 120.0) -> Iterator[str]:
-    """Start `mlflow server` on a free port of 127.0.0.1 with its store under `store`; yields its URL."""
+def local_mlflow_server(store: Path, *, template: Path | None = None, timeout_s: float = 120.0,
+                        port: int | None = None) -> Iterator[str]:
+    """Start `mlflow server` on 127.0.0.1 (a free port unless given) with its store under `store`; yields its URL."""
     store.mkdir(parents=True, exist_ok=True)
     if template is not None and not (store / "mlflow.db").exists():
         shutil.copyfile(template, store / "mlflow.db")
-    port = free_port()
+    port = port or free_port()
     url = f"http://127.0.0.1:{port}"
     log = store / "server.log"
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "NO_PROXY": "127.0.0.1,localhost"}

@@ -113,14 +113,6 @@ class _Aborted(Exception):
     pass
 
 
-def store_sync(con, repo: str, sync: Sync, run_id: Optional[str]) -> int:
-    """Store a sync read without a sink (all in one transaction): its commits, then membership and heads."""
-    now = datetime.now(timezone.utc)
-    inserted = sum(insert_commits(con, repo, batch, branch, run_id, now) for branch, batch in sync.batches)
-    store_refs(con, repo, sync, run_id, now)
-    return inserted
-
-
 def insert_commits(con, repo: str, batch: CommitBatch, branch: str, run_id: Optional[str], now: datetime) -> int:
     """Insert a batch of commits read for `branch`; those already stored are kept as they are."""
     # The parser's columns go to DuckDB as NumPy arrays, which it scans directly (no pandas, whose import

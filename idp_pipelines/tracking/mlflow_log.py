@@ -161,6 +161,7 @@ class SyncReport:
     logged: list[Logged] = field(default_factory=list)
     up_to_date: int = 0
     refreshed: int = 0
+    relogged: int = 0  # linked in DuckDB but gone from MLflow (a wiped or replaced store): logged again
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -343,13 +344,16 @@ class MLflowLogger:
 
     # ---- what is missing
 
-    def _links(self, con) -> dict[tuple[str, str], tuple[str, str, str | None, str | None]]:
-        rows = con.execute("SELECT kind, source_id, tracking_uri, experiment_name, mlflow_run_id, late_digest "
-                           "FROM mlflow_runs").fetchall()
-        return {(k, s): (uri, exp, run, dig) for k, s, uri, exp, run, dig in rows}
+    def _links(self, con) -> dict[tuple[str, str], tuple[str, str, str | None, str | None, str | None]]:
+        rows = con.execute("SELECT kind, source_id, tracking_uri, experiment_name, mlflow_run_id, late_digest, "
+                           "experiment_id FROM mlflow_runs").fetchall()
+        return {(k, s): (uri, exp, run, dig, eid) for k, s, uri, exp, run, dig, eid in rows}
 
     def plan(self) -> dict[str, Any]:
-        """What a sync would do: the benchmark runs and quantizations MLflow lacks, and the linked ones."""
+        """What a sync would do: the benchmark runs and quantizations MLflow lacks, and the linked ones.
+
+        A link in DuckDB is trusted only while MLflow still has its run: see `_stale_links`.
+        """
         with self.warehouse.read() as con:
             links = self._links(con)
             runs = con.execute("SELECT run_id, endpoint FROM benchmark_runs WHERE status = 'complete' "
@@ -362,13 +366,69 @@ class MLflowLogger:
             return link is not None and link[0] == self.uri and link[1] == exp
 
         qexp = self.quantization_experiment()
+        linked_b = {r for r, ep in runs if linked(BENCHMARK, r, self.benchmark_experiment(ep))}
+        linked_q = {q for q, _ in quants if linked(QUANTIZATION, q, qexp)}
+        stale = self._stale_links([(BENCHMARK, r, links[(BENCHMARK, r)]) for r, _ in runs if r in linked_b]
+                                  + [(QUANTIZATION, q, links[(QUANTIZATION, q)]) for q, _ in quants if q in linked_q])
+        linked_b -= {sid for kind, sid in stale if kind == BENCHMARK}
+        linked_q -= {sid for kind, sid in stale if kind == QUANTIZATION}
         return {
-            "benchmarks": [(r, ep) for r, ep in runs if not linked(BENCHMARK, r, self.benchmark_experiment(ep))],
-            "quantizations": [q for q, _ in quants if not linked(QUANTIZATION, q, qexp)],
-            "linked_benchmarks": [(r, links[(BENCHMARK, r)]) for r, ep in runs
-                                  if linked(BENCHMARK, r, self.benchmark_experiment(ep))],
-            "linked_quantizations": [(q, links[(QUANTIZATION, q)]) for q, _ in quants if linked(QUANTIZATION, q, qexp)],
+            "benchmarks": [(r, ep) for r, ep in runs if r not in linked_b],
+            "quantizations": [q for q, _ in quants if q not in linked_q],
+            "linked_benchmarks": [(r, links[(BENCHMARK, r)]) for r, _ in runs if r in linked_b],
+            "linked_quantizations": [(q, links[(QUANTIZATION, q)]) for q, _ in quants if q in linked_q],
+            "stale": len(stale),
         }
+
+    def _stale_links(self, linked: list[tuple[str, str, tuple]]) -> set[tuple[str, str]]:
+        """Linked runs MLflow no longer has: its store was wiped or replaced behind the same URI.
+
+        Per experiment, two cheap calls: the experiment (by name) must still have the id the links
+        recorded, and the newest linked run must still exist. Only when one fails are the experiment's
+        runs listed, deleted ones included: a run the owner deleted in the MLflow UI is respected,
+        never logged again.
+        """
+        from mlflow.entities import ViewType
+        from mlflow.exceptions import MlflowException
+
+        by_exp: dict[str, list[tuple[str, str, str | None, str | None]]] = {}
+        for kind, sid, (_uri, exp, run_id, _digest, eid) in linked:
+            by_exp.setdefault(exp, []).append((kind, sid, run_id, eid))
+        stale: set[tuple[str, str]] = set()
+        try:
+            for name, items in by_exp.items():
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    stale.update((kind, sid) for kind, sid, _, _ in items)
+                    continue
+                if all(eid == exp.experiment_id for *_, eid in items) and self._run_exists(items[-1][2]):
+                    continue
+                present: set[str] = set()
+                token = None
+                while True:
+                    page = self.client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL,
+                                                   max_results=1000, page_token=token)
+                    present.update(r.info.run_id for r in page)
+                    token = page.token
+                    if not token:
+                        break
+                stale.update((kind, sid) for kind, sid, run_id, _ in items if run_id not in present)
+        except MlflowException as exc:
+            raise self._fail("checking that MLflow still has the runs DuckDB links", exc) from exc
+        return stale
+
+    def _run_exists(self, run_id: str | None) -> bool:
+        from mlflow.exceptions import MlflowException
+
+        if not run_id:
+            return False
+        try:
+            self.client.get_run(run_id)
+        except MlflowException as exc:
+            if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     # ---- the backfill
 
@@ -381,6 +441,10 @@ class MLflowLogger:
             plan = self.plan()
             pending_b, pending_q = plan["benchmarks"], plan["quantizations"]
             report.up_to_date = len(plan["linked_benchmarks"]) + len(plan["linked_quantizations"])
+            report.relogged = plan["stale"]
+            if plan["stale"]:
+                self.progress(f"MLflow at {self.uri} no longer has {plan['stale']} run(s) that DuckDB links (its "
+                              f"store was wiped or replaced?): logging them again")
             total = len(pending_b) + len(pending_q)
             if total:
                 self.progress(f"{len(pending_b)} benchmark run(s) and {len(pending_q)} quantization(s) to log "
@@ -898,7 +962,7 @@ class MLflowLogger:
 
         updates: list[tuple[str, str, str]] = []  # kind, source id, new digest
         try:
-            for rid, (_uri, _exp, mlflow_id, digest) in plan["linked_benchmarks"]:
+            for rid, (_uri, _exp, mlflow_id, digest, _eid) in plan["linked_benchmarks"]:
                 findings = self.findings_for(rid)
                 new = _file_digest(findings)
                 if findings is None or new == (digest or ""):
@@ -912,7 +976,7 @@ class MLflowLogger:
             if linked_q:
                 with self.warehouse.read() as con:
                     used = self._used_by(con, [q for q, _ in linked_q])
-                for sha, (_uri, _exp, mlflow_id, digest) in linked_q:
+                for sha, (_uri, _exp, mlflow_id, digest, _eid) in linked_q:
                     new = _list_digest(used.get(sha, []))
                     if new == (digest or ""):
                         continue

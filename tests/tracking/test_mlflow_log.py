@@ -274,3 +274,36 @@ def test_step_metrics_take_columns_then_summary_then_server_numbers():
                       "server_metrics": json.dumps({"kv_cache_usage": {"max": 0.5}})})
     assert m == {"ttft_ms_p95": 120.0, "ttft_ms_p90": 110.0, "errors_by_kind.auth": 2.0,
                  "server.kv_cache_usage.max": 0.5}
+
+
+def test_a_wiped_store_behind_the_same_uri_is_logged_again_but_a_run_deleted_by_hand_is_not(
+        tmp_path, warehouse, prefix, request):
+    from mlflow import MlflowClient
+
+    from idp_pipelines.embedded.mlflow_server import local_mlflow_server, migrated_template
+
+    _seed(warehouse)
+    cache = getattr(request.config, "cache", None)
+    template = migrated_template(cache.mkdir("mlflow-store") if cache else tmp_path / "template")
+    port = free_port()
+    with local_mlflow_server(tmp_path / "first", template=template, port=port) as uri:
+        client = MlflowClient(uri)
+        first = _logger(client, warehouse, uri, prefix).sync()
+        assert len(first.logged) == 4 and first.relogged == 0
+        r1 = next(r.mlflow_run_id for r in first.logged if r.source_id == "r1")
+        client.delete_run(r1)  # the owner's choice in the MLflow UI
+        again = _logger(client, warehouse, uri, prefix).sync()
+        assert (again.logged, again.relogged, again.up_to_date) == ([], 0, 4)
+    # the same URI, an empty store (wiped, or a new machine without the old mlflow.db)
+    with local_mlflow_server(tmp_path / "second", template=template, port=port) as same_uri:
+        assert same_uri == uri
+        client = MlflowClient(uri)
+        back = _logger(client, warehouse, uri, prefix).sync()
+        assert back.relogged == 4 and sorted(r.source_id for r in back.logged if r.kind == BENCHMARK) == ["r1", "r2", "r4"]
+        assert len(_runs(client, prefix, "quantizations")) == 1
+        assert sorted(r.data.tags["idp.benchmark_run_id"] for r in _runs(client, prefix, "benchmarks/vllm-a")) == \
+            ["r1", "r2"]
+        with warehouse.read() as con:
+            linked = {s: run for s, run in con.execute("SELECT source_id, mlflow_run_id FROM mlflow_runs").fetchall()}
+        assert linked == {r.source_id: r.mlflow_run_id for r in back.logged}
+        assert _logger(client, warehouse, uri, prefix).sync().logged == []
