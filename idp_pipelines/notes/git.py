@@ -474,6 +474,8 @@ def iter_log(repo: str | os.PathLike[str], include: Sequence[str] = (), exclude:
     Parsed from git's pipe while it works: on two cores the parse hides behind git's diffing, and a
     caller can store one batch while the next is read. Stopping early stops git.
     """
+    if not include and not listed:
+        return
     path = Path(repo)
     if not path.is_dir():
         raise RepoUnavailable(f"git repo {path} does not exist. Fix: correct git_repos[].path in the lab inventory.")
@@ -512,9 +514,8 @@ def read_commits(repo: str | os.PathLike[str], include: Sequence[str], exclude: 
                  max_count: int | None = None) -> CommitBatch:
     """All commits reachable from `include` but not `exclude`, newest first, as one batch."""
     out = CommitBatch()
-    if include:
-        for batch in iter_log(repo, include, exclude, max_count):
-            out.extend(batch)
+    for batch in iter_log(repo, include, exclude, max_count):
+        out.extend(batch)
     return out
 
 
@@ -595,16 +596,18 @@ def sync_repo(repo: str | os.PathLike[str], branches: Sequence[str], old_heads: 
         else:
             shas = rev_list(repo, [move.new], move.exclude)[:limit]
             todo = [s for s in shas if s not in seen]
-            batches = iter_log(repo, listed=todo, batch_size=batch_size) if todo else iter(())
-        for batch in batches:
-            if walk:
-                shas.extend(batch.sha)
-            seen.update(batch.sha)
-            sync.read += len(batch)
-            if sink is not None:
-                sink(branch, batch)
-            else:
-                sync.batches.append((branch, batch))
+            batches = iter_log(repo, listed=todo, batch_size=batch_size) if todo else iter_log(repo)
+        # closed at once when the sink fails: git is stopped now, not whenever the traceback is freed
+        with contextlib.closing(batches):
+            for batch in batches:
+                if walk:
+                    shas.extend(batch.sha)
+                seen.update(batch.sha)
+                sync.read += len(batch)
+                if sink is not None:
+                    sink(branch, batch)
+                else:
+                    sync.batches.append((branch, batch))
         if limit and len(shas) >= limit:
             sync.messages.append(f"{branch}: read at most the newest {limit} commits (max_new_commits)")
         sync.members[branch] = shas

@@ -6,6 +6,7 @@ import io
 import os
 import subprocess
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -162,3 +163,36 @@ def test_streamed_parse_matches_the_whole_output_at_any_read_and_batch_size(repo
             assert list(got) == list(whole), (chunk, batch_size)
     with pytest.raises(git.GitError, match="cut off"):
         list(git._parse_stream(io.BytesIO(out[:30]), 10, chunk=7))
+
+
+def _git_children() -> list[str]:
+    """Command lines of this process's live git children (Linux /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmd = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and cmd and cmd[0].endswith(b"git"):
+            out.append(b" ".join(cmd).decode(errors="replace"))
+    return out
+
+
+def test_a_sink_failing_stops_git_at_once(repo):
+    # ~6 MB of git log output: far more than the pipe holds, so git is still writing when the sink fails
+    stream = [b"reset refs/heads/main\n"]
+    body = b"x" * 1000 + b"\n"
+    for i in range(6000):
+        msg = b"commit %d\n\n" % i + body
+        stream.append(b"commit refs/heads/main\nmark :%d\ncommitter A <a@b> %d +0000\ndata %d\n%s"
+                      % (i + 1, 1_700_000_000 + i, len(msg), msg) + (b"from :%d\n" % i if i else b""))
+    subprocess.run(["git", "-C", str(repo.path), "fast-import", "--quiet"], input=b"".join(stream), check=True)
+
+    def full_disk(branch, batch):
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left") as failed:
+        sync_repo(repo.path, ["main"], {}, sink=full_disk, batch_size=10)
+    assert failed.traceback  # the traceback (and its frames) still alive here, as in a run's error report
+    assert _git_children() == []
