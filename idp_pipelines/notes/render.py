@@ -175,7 +175,7 @@ def render_all(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Se
 
 def iter_notes(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Sequence[RepoInfo],
                layout: Layout = Layout()) -> Iterator[Note | GeneratedFile]:
-    """Every note, one at a time (so they can be written while the next is rendered)."""
+    """Every note, one at a time: write_notes writes each before the next is rendered."""
     after, on = link_configs_to_runs(commits, runs) if runs else ({}, {})
     by_day: dict[dt.date, list[CommitRow]] = defaultdict(list)
     for c in commits:
