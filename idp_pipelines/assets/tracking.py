@@ -42,12 +42,11 @@ def build(lab: Lab) -> dg.Definitions:
 
         inv = lab.load()
         uri = mlflow.uri()
-        secret_vars = [e.api_key_env for e in inv.endpoints if e.api_key_env] + [inv.hub.token_env]
         logger = MLflowLogger(
             mlflow.client(), warehouse.get(context.log), uri,
             experiment_prefix=mlflow.experiment_prefix, dagster_url=dagster_url(),
             dagster_run_id=context.run.run_id, findings_for=findings_report,
-            redactor=Redactor.from_env(names=secret_vars), run_url=mlflow.run_url, progress=context.log.info,
+            redactor=Redactor.for_lab(inv), run_url=mlflow.run_url, progress=context.log.info,
         )
         report = logger.sync()  # a TrackingError fails the run with the tracking URI in its message
         rows = [{"kind": r.kind, "source": r.source_id[:16] if r.kind == QUANTIZATION else r.source_id,

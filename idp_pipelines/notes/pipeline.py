@@ -278,20 +278,71 @@ def layout_for(inv: Lab):
 def generate_notes(inv: Lab, data: dict, *, recreate: bool = False, fsync: bool = True) -> dict:
     from idp_pipelines.notes.render import iter_notes
     from idp_pipelines.notes.vault import write_notes
+    from idp_pipelines.secrets import Redactor
 
     count = 0
+    redactor = Redactor.for_lab(inv)
 
     def counted(notes):
         nonlocal count
         for note in notes:
             count += 1
-            yield note
+            yield redacted(note, redactor) if redactor.secrets else note
 
+    if redactor.secrets:
+        data = redacted_data(data, redactor)
     # rendered one at a time and written at once: the vault never holds a rendered copy of all notes
     notes = iter_notes(data["commits"], data["runs"], data["repos"], layout_for(inv))
     report = write_notes(inv.vault.path, counted(notes), recreate=recreate, fsync=fsync)
     outside = [p for p in report.written if not _inside(inv.vault.path, p)]
     return {"report": report, "notes": count, "outside": outside}
+
+
+def redacted_data(data: dict, redactor) -> dict:
+    """The rows with every secret value replaced before rendering: a commit message, an author, an error
+    or a URL that carries a token must not carry it into the vault (which Obsidian may sync anywhere).
+    Raw text, because rendering escapes it (`hf\\_...`) and truncates it, and a rendered secret no longer
+    matches the secret."""
+    import dataclasses
+
+    text = redactor.text
+
+    def dirty(*values) -> bool:
+        return any(v and redactor.leaks(v) for v in values)
+
+    commits = [c._replace(author_name=text(c.author_name), subject=text(c.subject),
+                          config_files=tuple(text(p) for p in c.config_files))
+               if dirty(c.author_name, c.subject, *c.config_files) else c for c in data["commits"]]
+    runs = [dataclasses.replace(r, **{f: text(v) for f in ("endpoint", "status", "model", "quantization", "error",
+                                                         "mlflow_url", "mlflow_experiment", "trigger")
+                                      if isinstance(v := getattr(r, f), str)}) for r in data["runs"]]
+    repos = [dataclasses.replace(r, name=text(r.name), path=text(r.path)) for r in data["repos"]]
+    return {**data, "commits": commits, "runs": runs, "repos": repos}
+
+
+def redacted(note, redactor):
+    """The rendered note with every secret value that still appears in it replaced (the rows were
+    redacted already; this catches what came from elsewhere, such as the Dagster URL)."""
+    import dataclasses
+
+    from idp_pipelines.notes.vault import GeneratedFile
+
+    if isinstance(note, GeneratedFile):
+        return note if not redactor.leaks(note.content) else dataclasses.replace(
+            note, content=redactor.text(note.content.decode("utf-8", "surrogateescape")).encode(
+                "utf-8", "surrogateescape"))
+
+    def clean(value):
+        if isinstance(value, str):
+            return redactor.text(value)
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        return value
+
+    return dataclasses.replace(
+        note, path=redactor.text(note.path), preamble=redactor.text(note.preamble),
+        properties={k: clean(v) for k, v in note.properties.items()},
+        blocks=tuple((bid, redactor.text(text)) for bid, text in note.blocks))
 
 
 def _inside(vault: Path, rel: str) -> bool:

@@ -39,6 +39,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from idp_pipelines.secrets import REDACTED, Redactor  # noqa: F401  (part of this module's API)
+
 if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Run
@@ -52,7 +54,6 @@ TAG_BENCHMARK_ID = "idp.benchmark_run_id"
 TAG_QUANTIZATION_ID = "idp.quantization_id"
 TAG_COMPLETE = "idp.complete"
 TAG_CONFLICT = "idp.param_conflict."
-REDACTED = "[redacted]"
 
 ARTIFACT_CURVE = "plots/latency_throughput.png"
 ARTIFACT_TTFT = "plots/ttft_distribution.png"
@@ -72,11 +73,6 @@ LINK_FLUSH_EVERY = 50
 # Per-step columns that identify the step rather than measure it.
 _STEP_IDENTITY = {"run_id", "step_index", "step", "mode", "concurrency", "rate_rps", "started_at",
                   "summary", "server_metrics", "suspect", "slos"}
-# A key whose last dotted part is named like a secret has its value redacted whatever it is
-# (engine.api_key); `max_num_batched_tokens` and `asset_key` are not secrets, `hf_token` is.
-_SECRET_NAME = re.compile(r"(?i)((^|[_-])(api[_-]?key|apikey|token|secret|passw(or)?d|authori[sz]ation|"
-                          r"credentials?|private[_-]?key|access[_-]?key)|^key)$")
-_SECRET_ENV = re.compile(r"(?i)(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)")
 # MLflow's key rule (mlflow.utils.validation): word characters, - . space / and :, as a normalised path.
 _KEY_BAD = re.compile(r"[^\w\-. /:]")
 
@@ -85,39 +81,6 @@ class TrackingError(RuntimeError):
     """MLflow could not be reached, or refused what was logged; the message names the tracking URI."""
 
     fatal = True  # False: only this run's data was refused, the others can still be logged
-
-
-# ---------------------------------------------------------------------------------------------- secrets
-
-
-class Redactor:
-    """Replaces secret values (and the values of secret-named keys) before anything reaches MLflow."""
-
-    def __init__(self, secrets: Sequence[str] = ()) -> None:
-        # Longest first, so a secret that contains another is replaced whole.
-        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
-
-    @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, names: Sequence[str] = ()) -> Redactor:
-        """Values of env vars named like keys/tokens/passwords, plus the named ones (api_key_env, token_env)."""
-        env = os.environ if env is None else env
-        values = [v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= 8]
-        values += [env[n] for n in names if env.get(n)]
-        return cls(values)
-
-    def text(self, value: str) -> str:
-        for s in self.secrets:
-            if s in value:
-                value = value.replace(s, REDACTED)
-        return value
-
-    def value(self, key: str, value: str) -> str:
-        return REDACTED if _SECRET_NAME.search(key.rsplit(".", 1)[-1]) else self.text(value)
-
-    def leaks(self, blob: str | bytes) -> bool:
-        if isinstance(blob, bytes):
-            return any(s.encode() in blob for s in self.secrets)
-        return any(s in blob for s in self.secrets)
 
 
 # ---------------------------------------------------------------------------------------------- specs

@@ -105,6 +105,22 @@ def test_force_push_marks_rewritten_commits_and_notes_keep_them(tmp_path, repo):
     assert "~~" in text and "wip: try batch 64~~ (rewritten away by a force-push)" in text
 
 
+def test_a_token_in_a_commit_never_reaches_the_vault(tmp_path, repo, monkeypatch):
+    token = "hf_live_0123456789abcdefSECRET"
+    monkeypatch.setenv("HF_TOKEN", token)  # the Hub token the inventory names (hub.token_env)
+    repo.commit(f"Use token {token} for the gated model\n\nbody {token}\n", {"deploy/compose.yaml": "x: 1\n"},
+                author=f"Ada {token}")
+    lab_file = _lab(tmp_path, {"lab-configs": (repo.path, ["main"])})
+    res, assets = _resources(lab_file, tmp_path), _assets(lab_file)
+    dg.materialize([assets["git_commits"]], partition_key="lab-configs", resources=res)
+    dg.materialize([assets["obsidian_notes"]], resources=res)
+    files = [p for p in (tmp_path / "vault").rglob("*") if p.is_file()]
+    # markdown escapes it (hf\\_live...): it must not be there escaped either
+    assert files and not [p for p in files if token.encode() in p.read_bytes().replace(b"\\", b"")]
+    day = (tmp_path / "vault" / "Dev Log" / "2024-05-01.md").read_text()
+    assert "Use token \\[redacted\\] for the gated model" in day and "Ada \\[redacted\\]" in day
+
+
 def test_a_missing_repo_fails_the_run_with_its_path(tmp_path):
     lab_file = _lab(tmp_path, {"gone": (tmp_path / "nowhere", ["main"])})
     result = dg.materialize([_assets(lab_file)["git_commits"]], partition_key="gone",

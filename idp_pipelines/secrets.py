@@ -1,0 +1,59 @@
+"""Secret values kept out of everything the project writes for people to read: MLflow runs, notes, logs.
+
+A secret is the value of an environment variable named like a key, token or password, or of one the
+inventory names (an endpoint's `api_key_env`, the Hub's `token_env`). It is replaced by `[redacted]`
+wherever it appears, before the text leaves the process.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from idp_pipelines.lab import Lab
+
+REDACTED = "[redacted]"
+
+# A key whose last dotted part is named like a secret has its value redacted whatever it is
+# (engine.api_key); `max_num_batched_tokens` and `asset_key` are not secrets, `hf_token` is.
+_SECRET_NAME = re.compile(r"(?i)((^|[_-])(api[_-]?key|apikey|token|secret|passw(or)?d|authori[sz]ation|"
+                          r"credentials?|private[_-]?key|access[_-]?key)|^key)$")
+_SECRET_ENV = re.compile(r"(?i)(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)")
+
+
+class Redactor:
+    """Replaces secret values (and the values of secret-named keys) in text."""
+
+    def __init__(self, secrets: Sequence[str] = ()) -> None:
+        # Longest first, so a secret that contains another is replaced whole.
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, names: Sequence[str] = ()) -> Redactor:
+        """Values of env vars named like keys/tokens/passwords, plus the named ones (api_key_env, token_env)."""
+        env = os.environ if env is None else env
+        values = [v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= 8]
+        values += [env[n] for n in names if env.get(n)]
+        return cls(values)
+
+    @classmethod
+    def for_lab(cls, lab: Lab, env: Mapping[str, str] | None = None) -> Redactor:
+        """The secrets of this lab: those `from_env` finds plus every env var the inventory names as one."""
+        return cls.from_env(env, names=[e.api_key_env for e in lab.endpoints if e.api_key_env] + [lab.hub.token_env])
+
+    def text(self, value: str) -> str:
+        for s in self.secrets:
+            if s in value:
+                value = value.replace(s, REDACTED)
+        return value
+
+    def value(self, key: str, value: str) -> str:
+        return REDACTED if _SECRET_NAME.search(key.rsplit(".", 1)[-1]) else self.text(value)
+
+    def leaks(self, blob: str | bytes) -> bool:
+        if isinstance(blob, bytes):
+            return any(s.encode() in blob for s in self.secrets)
+        return any(s in blob for s in self.secrets)
