@@ -260,10 +260,6 @@ def _split_message(msg: str) -> tuple[str, str]:
     return subject, rest.strip("\n")
 
 
-def _num(raw: bytes) -> int | None:
-    return None if raw == b"-" else int(raw)
-
-
 class CommitBatch(Sequence[Commit]):
     """Commits as columns: what the parser fills and DuckDB scans, without an object per commit or file.
 
