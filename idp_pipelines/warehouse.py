@@ -9,12 +9,12 @@ shared for readers (any number, read-only). The lock is held only for the connec
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from idp_pipelines.locks import file_lock
 
 if TYPE_CHECKING:
     import duckdb
@@ -332,32 +332,10 @@ class Warehouse:
         self.on_wait = on_wait
         self._migrated = False
 
-    @contextlib.contextmanager
-    def _locked(self, exclusive: bool) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
-            deadline = time.monotonic() + self.lock_timeout_s
-            next_note = time.monotonic() + 5.0
-            while True:
-                try:
-                    fcntl.flock(fd, mode)
-                    break
-                except BlockingIOError:
-                    now = time.monotonic()
-                    if now > deadline:
-                        raise WarehouseError(
-                            f"Waited {self.lock_timeout_s:.0f} s for the warehouse lock {self.lock_path}: another "
-                            f"process keeps {self.path} open. Fix: let that run finish (see `fuser {self.lock_path}`)."
-                        ) from None
-                    if self.on_wait and now > next_note:
-                        self.on_wait(f"waiting for the warehouse lock {self.lock_path}")
-                        next_note = now + 30.0
-                    time.sleep(0.02)
-            yield
-        finally:
-            os.close(fd)  # closing releases the flock
+    def _locked(self, exclusive: bool) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.lock_path, exclusive=exclusive, timeout_s=self.lock_timeout_s,
+                         what="the warehouse lock", on_wait=self.on_wait, error=WarehouseError,
+                         fix=f"let the run that keeps {self.path} open finish (see `fuser {self.lock_path}`).")
 
     def _connect(self, read_only: bool) -> duckdb.DuckDBPyConnection:
         import duckdb

@@ -136,12 +136,15 @@ def build(lab: Lab) -> dg.Definitions:
     def rpc_latency(context: dg.AssetExecutionContext, lab: LabResource,
                     warehouse: WarehouseResource) -> dg.MaterializeResult:
         from idp_pipelines.bench.rpc import measure_rpc_latency, rpc_target
+        from idp_pipelines.bench.suite import host_slot
 
         inv = lab.load()
         url = rpc_target(inv, context.partition_key)
         if url is None:
             raise dg.Failure(f"host {context.partition_key!r} serves no endpoint in {lab.path}: nothing to probe")
-        result = measure_rpc_latency(url, probes=inv.benchmarks.rpc_probes)
+        with host_slot(context.partition_key, holder=f"an RPC latency probe (Dagster run {context.run.run_id})",
+                       log=context.log.info):
+            result = measure_rpc_latency(url, probes=inv.benchmarks.rpc_probes)
         row = result.row()
         with warehouse.get(context.log).write() as con:
             cols = ["measured_at", "dagster_run_id", "host", *row]

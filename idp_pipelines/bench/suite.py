@@ -8,6 +8,7 @@ as it ends, so a crash, a timeout or Ctrl-C keeps every step already measured (t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -184,11 +185,29 @@ def _insert(con, table: str, run_id: str, index: int | None, rows: list[dict], c
                           for r in rows])
 
 
+HOST_SLOT_WAIT_S = 4 * 3600.0  # a slow endpoint's sweep can take an hour; four is a stuck measurement
+
+
+def host_slot(host: str, *, holder: str, log: Callable[[str], None] | None = None,
+              timeout_s: float | None = None) -> contextlib.AbstractContextManager[None]:
+    """The host's measurement slot, across processes: a sweep started by hand (`idp bench`) and a nightly
+    Dagster run on the same host would distort each other, and Dagster's pool does not see the CLI."""
+    from idp_pipelines.locks import file_lock
+    from idp_pipelines.settings import idp_home
+
+    return file_lock(idp_home() / "locks" / f"measure-{host}.lock", timeout_s=timeout_s or HOST_SLOT_WAIT_S,
+                     what=f"the measurement slot of host {host!r}", on_wait=log, holder=holder, error=BenchError,
+                     fix="let that measurement finish, or stop it if it is stuck.")
+
+
 def run_endpoint(lab: Lab, endpoint: str, wh: Warehouse, *, trigger: str, dagster_run_id: str | None = None,
                  concurrency: list[int] | None = None, requests_per_step: int | None = None,
                  max_tokens: int | None = None, progress: Callable[[str, int, int], None] | None = None,
                  log: Callable[[str], None] = lambda m: None) -> RunOutcome:
-    """Sweep one endpoint and store the run, its steps and every request; never loses a finished step."""
+    """Sweep one endpoint and store the run, its steps and every request; never loses a finished step.
+
+    Waits for the host's measurement slot first: the run starts when the host is quiet.
+    """
     ep = lab.endpoint(endpoint)
     if not ep.openai_compatible:
         raise BenchError(
@@ -196,6 +215,15 @@ def run_endpoint(lab: Lab, endpoint: str, wh: Warehouse, *, trigger: str, dagste
             f"OpenAI-compatible frontend as an endpoint of kind 'openai' (Triton: the openai frontend) and "
             f"benchmark that."
         )
+    holder = f"a benchmark of {ep.name} ({trigger}" + (f", Dagster run {dagster_run_id})" if dagster_run_id else ")")
+    with host_slot(ep.host, holder=holder, log=log):
+        return _run_endpoint(lab, ep, wh, trigger=trigger, dagster_run_id=dagster_run_id, concurrency=concurrency,
+                             requests_per_step=requests_per_step, max_tokens=max_tokens, progress=progress, log=log)
+
+
+def _run_endpoint(lab: Lab, ep: Endpoint, wh: Warehouse, *, trigger: str, dagster_run_id: str | None,
+                  concurrency: list[int] | None, requests_per_step: int | None, max_tokens: int | None,
+                  progress: Callable[[str, int, int], None] | None, log: Callable[[str], None]) -> RunOutcome:
     cfg = lab.benchmarks
     concurrencies = concurrency or ep.concurrency or cfg.concurrency
     n = requests_per_step or cfg.requests_per_step

@@ -261,3 +261,39 @@ def test_an_endpoint_without_an_openai_api_is_refused_clearly(tmp_path):
         run_endpoint(lab, EP, Warehouse(tmp_path / "wh.duckdb"), trigger="manual")
     with Warehouse(tmp_path / "wh.duckdb").read() as con:
         assert con.execute("SELECT count(*) FROM benchmark_runs").fetchone()[0] == 0
+
+
+HOLD_SLOT = """
+import sys, time
+from idp_pipelines.bench.suite import host_slot
+with host_slot(sys.argv[1], holder="a sweep started by hand"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_measurement_waits_for_its_hosts_slot_and_names_who_holds_it(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from idp_pipelines.bench import suite
+
+    lab = load_lab(_lab(tmp_path, "http://127.0.0.1:9", kind="vllm"))
+    host = lab.endpoint(EP).host
+    wh = Warehouse(tmp_path / "wh.duckdb")
+    other = subprocess.Popen([sys.executable, "-c", HOLD_SLOT, host, "30"], stdout=subprocess.PIPE)
+    try:
+        assert other.stdout.readline() == b"held\n"
+        monkeypatch.setattr(suite, "HOST_SLOT_WAIT_S", 0.5)
+        with pytest.raises(suite.BenchError, match=rf"measurement slot of host '{host}' .* held by a sweep started by "
+                                                   rf"hand \(pid {other.pid}\)"):
+            run_endpoint(lab, EP, wh, trigger="cli")
+        with wh.read() as con:
+            assert con.execute("SELECT count(*) FROM benchmark_runs").fetchone()[0] == 0  # nothing started
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone (killed, even): the slot is free at once
+    with SyntheticServer(SyntheticConfig(ttft_s=0.001, itl_s=0.0005)) as server:
+        lab = load_lab(_lab(tmp_path, server.url, kind="vllm"))
+        assert run_endpoint(lab, EP, wh, trigger="cli").status == "complete"
