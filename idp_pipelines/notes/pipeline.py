@@ -1,5 +1,6 @@
 """The knowledge domain's plumbing between DuckDB, git and the vault (no Dagster)."""
 
+import contextlib
 import json
 import os
 import queue
@@ -100,8 +101,12 @@ class _Writer:
         self._queue.put(item)
 
     def abort(self) -> None:
+        """Stop after the batch in hand (pending ones are dropped); never wait long: the run is failing."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
         self._queue.put(self._ABORT)
-        self._thread.join()
+        self._thread.join(timeout=5.0)  # a writer still waiting for the warehouse lock ends on its own
 
     def join(self) -> None:
         self._thread.join()
