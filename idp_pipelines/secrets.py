@@ -30,6 +30,8 @@ class Redactor:
     def __init__(self, secrets: Sequence[str] = ()) -> None:
         # Longest first, so a secret that contains another is replaced whole.
         self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+        # one C-level scan per text, whatever the number of secrets (100 000 commit subjects per notes run)
+        self._pattern = re.compile("|".join(map(re.escape, self.secrets))) if self.secrets else None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, names: Sequence[str] = ()) -> Redactor:
@@ -45,10 +47,7 @@ class Redactor:
         return cls.from_env(env, names=[e.api_key_env for e in lab.endpoints if e.api_key_env] + [lab.hub.token_env])
 
     def text(self, value: str) -> str:
-        for s in self.secrets:
-            if s in value:
-                value = value.replace(s, REDACTED)
-        return value
+        return self._pattern.sub(REDACTED, value) if self._pattern is not None and value else value
 
     def value(self, key: str, value: str) -> str:
         return REDACTED if _SECRET_NAME.search(key.rsplit(".", 1)[-1]) else self.text(value)
@@ -56,4 +55,4 @@ class Redactor:
     def leaks(self, blob: str | bytes) -> bool:
         if isinstance(blob, bytes):
             return any(s.encode() in blob for s in self.secrets)
-        return any(s in blob for s in self.secrets)
+        return self._pattern is not None and self._pattern.search(blob) is not None

@@ -310,14 +310,11 @@ def redacted_data(data: dict, redactor) -> dict:
     matches the secret."""
     import dataclasses
 
-    text = redactor.text
-
-    def dirty(*values) -> bool:
-        return any(v and redactor.leaks(v) for v in values)
-
+    text, hit = redactor.text, redactor.leaks
     commits = [c._replace(author_name=text(c.author_name), subject=text(c.subject),
                           config_files=tuple(text(p) for p in c.config_files))
-               if dirty(c.author_name, c.subject, *c.config_files) else c for c in data["commits"]]
+               if hit(c.subject) or hit(c.author_name) or (c.config_files and any(map(hit, c.config_files)))
+               else c for c in data["commits"]]
     runs = [dataclasses.replace(r, **{f: text(v) for f in ("endpoint", "status", "model", "quantization", "error",
                                                          "mlflow_url", "mlflow_experiment", "trigger")
                                       if isinstance(v := getattr(r, f), str)}) for r in data["runs"]]
