@@ -119,3 +119,30 @@ def test_a_git_failure_stops_the_sync_and_advances_no_head(tmp_path, repo):
     with wh.read() as con:
         assert con.execute("SELECT head_sha FROM git_branch_heads").fetchone()[0] != new
         assert con.execute("SELECT count(*) FROM git_commits").fetchone()[0] == 3
+
+
+def test_a_failing_read_does_not_wait_for_a_writer_that_is_stuck(tmp_path, repo, monkeypatch):
+    import threading
+    import time
+
+    shas = repo.linear(6)
+    tree = repo.git("rev-parse", f"{shas[0]}^{{tree}}")  # the oldest commit's tree: git log fails late
+    obj = repo.path / ".git" / "objects" / tree[:2] / tree[2:]
+    obj.chmod(0o644)
+    obj.unlink()
+    release = threading.Event()
+
+    def stuck(*args):  # a writer stuck on the disk or on another process's warehouse lock
+        release.wait(60)
+        raise OSError("released by the test")
+
+    monkeypatch.setattr(pipeline, "insert_commits", stuck)
+    wh = Warehouse(tmp_path / "wh.duckdb")
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(GitError, match="git log in .* failed"):
+            # two batches of two fit in the writer's hands and its queue; git fails on the third
+            sync_to_warehouse(wh, "lab", repo.path, ["main"], batch_size=2)
+        assert time.monotonic() - t0 < 30  # the run fails with git's error, it does not hang on the writer
+    finally:
+        release.set()
