@@ -483,13 +483,6 @@ class MLflowLogger:
         self._write_links([logged])
         return logged
 
-    def log_quantization(self, output_sha256: str) -> Logged:
-        self.check_reachable()
-        (spec,) = self._quantization_specs([output_sha256])
-        logged = self._log(spec, self._existing_runs([spec]).get(output_sha256, []))
-        self._write_links([logged])
-        return logged
-
     @contextlib.contextmanager
     def _sync_lock(self) -> Iterator[None]:
         """Two syncs at once (two Dagster runs) would both miss a run and both create it: one at a time."""
