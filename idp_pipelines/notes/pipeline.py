@@ -87,9 +87,7 @@ class _Writer:
                     con.execute("COMMIT; BEGIN")  # DuckDB checkpoints as it goes, while git still reads
                     self.stored += len(batch)
                     item = self._queue.get()
-                raise _Aborted()  # ends the open transaction (empty: each batch was committed)
-        except _Aborted:
-            return
+                # aborted: every batch in hand was committed, the open transaction is empty
         except BaseException as exc:  # handed to the reading thread
             self.error = exc
             while item[0] == "batch":  # drain, so that put() never blocks forever
@@ -112,10 +110,6 @@ class _Writer:
         self._thread.join()
         if self.error is not None:
             raise self.error
-
-
-class _Aborted(Exception):
-    pass
 
 
 def insert_commits(con, repo: str, batch: CommitBatch, branch: str, run_id: Optional[str], now: datetime) -> int:
