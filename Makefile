@@ -6,12 +6,18 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests and the embedded lab use (git for the knowledge domain; curl for the
-# download benchmark). Checked with dpkg first, so a machine that has them makes no apt call.
-APT_PACKAGES := git curl
+# download benchmark; cmake and g++ build llama.cpp's tools). Checked with dpkg first, so a machine that
+# has them makes no apt call.
+APT_PACKAGES := git curl cmake g++ make
 
-.PHONY: up test bench install system-deps clean-state
+.PHONY: up test bench install system-deps llama-cpp clean-state
 
-install: system-deps $(STAMP)
+install: system-deps $(STAMP) llama-cpp
+
+# llama.cpp's own llama-server / llama-quantize / llama-simple, built once per machine into a cache
+# outside the checkout (fresh clones and CI reuse it); the script says when it compiles and how long.
+llama-cpp: system-deps
+	@PYTHON=$(PYTHON) scripts/build-llama-cpp.sh >/dev/null
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -21,16 +27,10 @@ system-deps:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
 	fi
 
-# llama-cpp-python compiles llama.cpp on its first install (~10-20 min on 2 cores); pip keeps the built
-# wheel in its cache, so later installs (and CI's fresh clones on this machine) take seconds.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	@pip_wheels=$$($(PY) -m pip cache list llama_cpp_python 2>/dev/null | grep -c whl || true); \
-	if [ "$$pip_wheels" = 0 ] && ! $(PY) -c 'import llama_cpp' 2>/dev/null; then \
-	  echo "installing Python packages; the first time compiles llama.cpp for llama-cpp-python (10-20 min on 2 cores)"; \
-	fi
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
 up: install

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -17,6 +18,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     StringConstraints,
     ValidationError,
     ValidationInfo,
@@ -115,6 +117,12 @@ class Endpoint(_Strict):
     def openai_compatible(self) -> bool:
         """Streams /v1/completions: what the benchmark harness drives. Triton's own API is KServe v2."""
         return self.kind in ("vllm", "llamacpp", "openai")
+
+    def api_key(self, env: Mapping[str, str] | None = None) -> str | None:
+        """The endpoint's key, read from the environment variable the inventory names (never the file)."""
+        if not self.api_key_env:
+            return None
+        return (os.environ if env is None else env).get(self.api_key_env) or None
 
     @property
     def port(self) -> int:
@@ -234,14 +242,30 @@ class Lab(_Strict):
     benchmarks: Benchmarks = Field(default_factory=Benchmarks)
     expectations: list[Expectation] = Field(default_factory=list)
 
+    # The source file, set by load_lab (errors name it); not a field of the inventory.
+    _source: str = PrivateAttr(default="the lab inventory")
+
+    def _find(self, items: list[Any], section: str, name: str) -> Any:
+        for item in items:
+            if item.name == name:
+                return item
+        raise LabError(
+            f"{self._source}: no {section[:-1]} named {name!r} in {section} (it has "
+            f"{[i.name for i in items]}). Fix: add it under {section}, or drop what still refers to it "
+            f"(a partition left over after an edit of the inventory: wipe it in the Dagster UI)."
+        )
+
     def host(self, name: str) -> Host:
-        return next(h for h in self.hosts if h.name == name)
+        return self._find(self.hosts, "hosts", name)
 
     def model(self, name: str) -> Model:
-        return next(m for m in self.models if m.name == name)
+        return self._find(self.models, "models", name)
 
     def endpoint(self, name: str) -> Endpoint:
-        return next(e for e in self.endpoints if e.name == name)
+        return self._find(self.endpoints, "endpoints", name)
+
+    def git_repo(self, name: str) -> GitRepo:
+        return self._find(self.git_repos, "git_repos", name)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -418,4 +442,5 @@ def load_lab(path: str | os.PathLike[str] | None = None) -> Lab:
     problems = _cross_references(lab)
     if problems:
         raise fail(problems)
+    lab._source = where
     return lab

@@ -26,3 +26,8 @@ def warehouse_path() -> Path:
 
 def dagster_home() -> Path:
     return idp_home() / "dagster"
+
+
+def dagster_url() -> str:
+    """The Dagster UI that links in notes and MLflow point at: $IDP_DAGSTER_URL or the embedded lab's."""
+    return (os.environ.get("IDP_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")

@@ -12,7 +12,7 @@ import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from idp_pipelines.locks import file_lock
 
@@ -321,6 +321,20 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         """,
     ),
 ]
+
+
+def insert_rows(con: duckdb.DuckDBPyConnection, table: str, rows: list[dict[str, Any]]) -> int:
+    """Insert dict rows by column name (`INSERT ... BY NAME`): a new column touches the schema and the
+    one core that writes the table, never a positional `VALUES (?, ?, ...)` list. Returns the count."""
+    if not rows:
+        return 0
+    cols = list(rows[0])
+    for row in rows[1:]:
+        if list(row) != cols:
+            raise ValueError(f"insert_rows({table}): rows have different columns: {cols} vs {list(row)}")
+    select = ", ".join(f"? AS {c}" for c in cols)
+    con.executemany(f"INSERT INTO {table} BY NAME SELECT {select}", [list(r.values()) for r in rows])
+    return len(rows)
 
 
 class Warehouse:

@@ -1,30 +1,30 @@
-"""Helpers shared by the tests: a real llama.cpp server and lab files (process helpers: embedded.processes)."""
+"""Helpers shared by the tests: a real llama.cpp server (its C++ llama-server) and lab files (process helpers: embedded.processes)."""
 
 from __future__ import annotations
 
 import contextlib
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
+from idp_pipelines import llama_tools
 from idp_pipelines.embedded.processes import free_port, stop_process_group, wait_http
 from idp_pipelines.settings import REPO_ROOT
 
 
 @contextlib.contextmanager
-def llama_server(model: Path, log: Path, *, alias: str = "tiny-llama", n_ctx: int = 512) -> Iterator[str]:
-    """A real llama-cpp-python OpenAI-compatible server on 127.0.0.1; yields its base URL."""
+def llama_server(model: Path, log: Path, *, alias: str = "tiny-llama", n_ctx: int = 2048,
+                 parallel: int = 4) -> Iterator[str]:
+    """llama.cpp's own C++ `llama-server` on 127.0.0.1 (what the lab runs); yields its base URL."""
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--host", "127.0.0.1",
-             "--port", str(port), "--model_alias", alias, "--n_ctx", str(n_ctx), "--n_threads", "1",
-             # by default a new request aborts the one streaming (see embedded/stack.py)
-             "--interrupt_requests", "False"],
+            [str(llama_tools.tool("llama-server")), "-m", str(model), "--host", "127.0.0.1",
+             "--port", str(port), "--alias", alias, "-c", str(n_ctx), "-t", "1", "-np", str(parallel),
+             "--cont-batching", "--metrics", "--no-webui"],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
         )
     try:
