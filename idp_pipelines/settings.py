@@ -31,3 +31,13 @@ def dagster_home() -> Path:
 def dagster_url() -> str:
     """The Dagster UI that links in notes and MLflow point at: $IDP_DAGSTER_URL or the embedded lab's."""
     return (os.environ.get("IDP_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")
+
+
+def reports_dir() -> Path:
+    """Reports other tools read: hardware_findings.md, benchmark_tuning.json, findings/<run>.md."""
+    return idp_home() / "reports"
+
+
+def findings_path(run_id: str) -> Path:
+    """The findings report as it stood when a benchmark run was first judged (MLflow attaches it)."""
+    return reports_dir() / "findings" / f"{run_id}.md"
