@@ -37,7 +37,8 @@ def main() -> None:
 
         from idp_pipelines.embedded.hubserver import HubServer
 
-        from idp_pipelines.hub import download_model, hash_file
+        from idp_pipelines.files import hash_file
+        from idp_pipelines.hub import download_model
 
         src = tmp / "repo"
         src.mkdir()
