@@ -160,23 +160,8 @@ def test_connection_dropped_once_mid_file_is_resumed(hub, cache_dir):
     assert hub.count("GET", contains="/model.safetensors") == 2  # the cut transfer, then the retry
 
 
-def test_connection_always_dropped_names_file_and_endpoint(hub, cache_dir, monkeypatch):
-    import time
-
-    import huggingface_hub.file_download as fd
-
-    class _NoWaitTime:
-        """The `time` module as huggingface_hub's downloader sees it, without the 1 s wait between its 5
-        resume attempts (the attempts matter here, not the waits). The Hub server's own waits stay real."""
-
-        def __getattr__(self, name):
-            return getattr(time, name)
-
-        @staticmethod
-        def sleep(seconds: float) -> None:
-            pass
-
-    monkeypatch.setattr(fd, "time", _NoWaitTime())
+def test_connection_always_dropped_names_file_and_endpoint(hub, cache_dir, no_resume_waits):
+    # The 5 resume attempts matter here, not the 1 s waits between them (see no_resume_waits).
     sha = hub.create_repo(REPO, FILES)
     hub.drop_connection(REPO, "model.safetensors", times=None)
 
@@ -403,3 +388,63 @@ def test_local_hub_speaks_the_resolve_protocol(hub):
         assert (missing.status_code, missing.headers["X-Error-Code"]) == (404, "EntryNotFound")
         assert client.get(f"{hub.url}/api/models/lab/other").headers["X-Error-Code"] == "RepoNotFound"
         assert client.get(f"{hub.url}/api/models/{REPO}/revision/v0").headers["X-Error-Code"] == "RevisionNotFound"
+
+
+# -- repairs are loud, progress stays within its total -----------------------------------------------
+
+
+def _flip_byte(path: Path) -> bytes:
+    """Rot one byte of a cached blob in place (same size; the new mtime is what a real edit leaves too)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x55
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_corrupt_file_in_the_cache_is_a_warning_with_both_hashes(hub, cache_dir):
+    sha = hub.create_repo(REPO, FILES)
+    first = download_model(REPO, sha, cache_dir=cache_dir, endpoint=hub.url)
+    blob = next(f for f in first.files if f.path == "model.safetensors").local_path.resolve()
+    bad = _flip_byte(blob)
+    expected = hashlib.sha256(FILES["model.safetensors"]).hexdigest()
+    got = hashlib.sha256(bad).hexdigest()
+
+    warnings: list[str] = []
+    calls: list[tuple[int, int, str]] = []
+    hub.reset_counts()
+    result = download_model(REPO, sha, cache_dir=cache_dir, endpoint=hub.url, warn=warnings.append,
+                            progress=lambda *a: calls.append(a))
+
+    assert warnings == [
+        f"hash mismatch: 'model.safetensors' of '{REPO}'@{sha[:12]} in the model cache ({blob}): expected "
+        f"sha256 {expected}, got {got}; removing that copy and downloading it again"
+    ]
+    (repaired,) = result.repaired_files
+    assert (repaired.path, repaired.bad_copy, repaired.bad_hash) == ("model.safetensors", "cache", got)
+    assert read_snapshot(result) == FILES and hub.content_gets() == 1
+    messages = [m for _, _, m in calls]
+    assert "hash mismatch in model.safetensors" in messages and "verified model.safetensors" not in messages
+    # Nothing was missing when the run started: the repair's bytes make the total, and progress ends at 100 %.
+    fetched = [(d, t) for d, t, m in calls if m.startswith("downloading")]
+    size = len(FILES["model.safetensors"])
+    assert fetched and all(d <= t for d, t in fetched) and fetched[-1] == (size, size)
+
+
+def test_progress_never_passes_the_total_when_a_download_is_fetched_again(hub, cache_dir):
+    sha = hub.create_repo(REPO, FILES)
+    hub.corrupt(REPO, "model.safetensors", times=1)
+    warnings: list[str] = []
+    calls: list[tuple[int, int, str]] = []
+
+    result = download_model(REPO, sha, cache_dir=cache_dir, endpoint=hub.url, warn=warnings.append,
+                            progress=lambda *a: calls.append(a))
+
+    total = sum(map(len, FILES.values()))
+    fetched = [(d, t) for d, t, m in calls if m.startswith("downloading")]
+    assert all(d <= t == total for d, t in fetched), fetched  # the retry reset its share: no "200 %"
+    assert fetched[-1] == (total, total)
+    assert result.bytes_downloaded == total + len(FILES["model.safetensors"])  # the wire saw the file twice
+    (warning,) = warnings
+    assert warning.startswith(f"hash mismatch: 'model.safetensors' of '{REPO}'@{sha[:12]} as just downloaded "
+                              f"from {hub.url}: expected sha256 ")
+    assert [(f.path, f.bad_copy) for f in result.repaired_files] == [("model.safetensors", "download")]
