@@ -493,8 +493,10 @@ def smoke_generate(
         raise QuantizeError(f"llama.cpp failed to generate with {p} ({_exit_text(proc.returncode)}): {detail}; "
                             "the file loads but does not run: re-quantize it or check the llama.cpp build")
     tokens = int(decoded.group(1))
-    speed = float(decoded.group(3))
-    generate_seconds = tokens / speed if tokens and speed > 0 else float(decoded.group(2))
+    # llama-simple prints both with two decimals: seconds are precise for a slow run, the speed for a fast one.
+    generate_seconds, speed = float(decoded.group(2)), float(decoded.group(3))
+    if generate_seconds < 1.0 and tokens and speed > 0:
+        generate_seconds = tokens / speed
     prompt_eval = _PROMPT_EVAL.search(err)
     load = _LOAD_MS.search(err)
     # llama-simple prints the prompt's tokens (special ones rendered, e.g. "<s>") and then the generation.
@@ -507,6 +509,6 @@ def smoke_generate(
         "text": text,
         "finish_reason": "length" if tokens >= max_tokens else "stop",
         "load_seconds": float(load.group(1)) / 1000 if load else None,
-        "generate_seconds": generate_seconds,
+        "generate_seconds": min(generate_seconds, seconds),  # rounding must not make a part exceed the whole
         "seconds": seconds,
     }
