@@ -37,7 +37,13 @@ def record_download(con: duckdb.DuckDBPyConnection, *, run_id: str | None, model
 
 def record_plan(con: duckdb.DuckDBPyConnection, *, run_id: str | None, model: str, plan: DownloadPlan,
                 at: datetime | None = None) -> None:
-    """What a complete snapshot of `model` holds, recorded before any byte is fetched."""
+    """What a complete snapshot of `model` holds, recorded before any byte is fetched.
+
+    A daily rerun of an unchanged model writes nothing: the latest list already says the same."""
+    latest = expected_snapshots(con, model).get(model)
+    if latest is not None and (latest.repo_id, latest.commit_sha, latest.files) == (
+            plan.repo_id, plan.sha, {f.path: (f.size, f.hash) for f in plan.files}):
+        return
     when = _now(at)
     insert_rows(con, "model_download_files", [
         {"planned_at": when, "dagster_run_id": run_id, "model": model, "repo_id": plan.repo_id,
@@ -54,14 +60,16 @@ class ExpectedSnapshot:
     files: dict[str, tuple[int, str]]  # path -> (size, hash)
 
 
-def expected_snapshots(con: duckdb.DuckDBPyConnection) -> dict[str, ExpectedSnapshot]:
-    """Per model, the file list of its latest planned download (the last hub_model that got that far)."""
+def expected_snapshots(con: duckdb.DuckDBPyConnection, model: str | None = None) -> dict[str, ExpectedSnapshot]:
+    """Per model (or for one), the file list of its latest planned download (the last hub_model that got
+    that far)."""
     rows = con.execute(
         """SELECT f.model, f.repo_id, f.commit_sha, f.path, f.size, f.hash
            FROM model_download_files f
-           JOIN (SELECT model, max(planned_at) AS at FROM model_download_files GROUP BY model) l
+           JOIN (SELECT model, max(planned_at) AS at FROM model_download_files
+                 WHERE ? IS NULL OR model = ? GROUP BY model) l
              ON f.model = l.model AND f.planned_at = l.at
-           ORDER BY f.model, f.path"""
+           ORDER BY f.model, f.path""", [model, model]
     ).fetchall()
     out: dict[str, ExpectedSnapshot] = {}
     for model, repo_id, sha, path, size, digest in rows:

@@ -124,3 +124,22 @@ def test_a_half_downloaded_model_fails_the_inventory_naming_the_missing_files(hu
     ok = {j.check: j for j in judge_cache(cache, expected, [("tiny", REPO), ("other", "lab/other")])}[CACHE_COMPLETE]
     assert ok.passed and ok.description == (
         "every downloaded model holds all its files (1 model(s)); not downloaded yet: other")
+
+
+def test_the_file_list_is_written_once_per_change(hub, cache_dir, tmp_path):
+    sha = hub.create_repo(REPO, FILES)
+    wh = Warehouse(tmp_path / "wh.duckdb")
+
+    def on_plan(plan):
+        with wh.write() as con:
+            record_plan(con, run_id="r", model="tiny", plan=plan)
+
+    download_model(REPO, "main", cache_dir=cache_dir, endpoint=hub.url, on_plan=on_plan)
+    download_model(REPO, "main", cache_dir=cache_dir, endpoint=hub.url, on_plan=on_plan)  # nothing new
+    new = hub.commit(REPO, {"config.json": b'{"hidden_size": 16}\n'})
+    download_model(REPO, "main", cache_dir=cache_dir, endpoint=hub.url, on_plan=on_plan)
+    with wh.read() as con:
+        lists = con.execute("SELECT commit_sha, count(*) FROM model_download_files GROUP BY 1 ORDER BY 2").fetchall()
+        latest = expected_snapshots(con)["tiny"]
+    assert sorted(lists) == sorted([(sha, 4), (new, 4)])
+    assert latest.commit_sha == new and latest.files["config.json"][0] == len(b'{"hidden_size": 16}\n')
