@@ -14,7 +14,7 @@ APT_PACKAGES := git curl cmake g++ make
 
 install: system-deps $(STAMP) llama-cpp
 
-# llama.cpp's own llama-server / llama-quantize / llama-simple, built once per machine into a cache
+# llama.cpp's own llama-server / llama-quantize, built once per machine into a cache
 # outside the checkout (fresh clones and CI reuse it); the script says when it compiles and how long.
 llama-cpp: system-deps
 	@PYTHON=$(PYTHON) scripts/build-llama-cpp.sh >/dev/null

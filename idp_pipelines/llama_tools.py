@@ -1,4 +1,4 @@
-"""Where llama.cpp's own C++ tools are: llama-server, llama-quantize, llama-simple.
+"""Where llama.cpp's own C++ tools are: llama-server and llama-quantize.
 
 `scripts/build-llama-cpp.sh` (run by `make install`) builds them once per machine from the llama.cpp source
 that llama-cpp-python vendors, into a cache outside the checkout keyed by version and CPU flags. This
@@ -44,7 +44,7 @@ def bin_dir() -> Path:
 
 
 def tool(name: str) -> Path:
-    """The path of `llama-server`, `llama-quantize` or `llama-simple`; LlamaToolsError with the fix if absent."""
+    """The path of `llama-server` or `llama-quantize`; LlamaToolsError with the fix if absent."""
     path = bin_dir() / name
     if not os.access(path, os.X_OK):
         raise LlamaToolsError(

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own C++ tools (llama-server, llama-quantize, llama-simple) once per machine, from the
+# Build llama.cpp's own C++ tools (llama-server, llama-quantize) once per machine, from the
 # llama.cpp source that llama-cpp-python vendors in its source distribution (PyPI is reachable, GitHub
 # is not). The build is cached outside the checkout, keyed by the source version and this CPU's flags
 # (a -march=native binary dies with SIGILL on another CPU), so fresh clones and CI reuse it.
@@ -11,11 +11,11 @@ PYTHON="${PYTHON:-python3}"
 CACHE_ROOT="${IDP_BUILD_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/idp_pipelines}"
 cpu_key=$( (grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || uname -m) | sha256sum | cut -c1-12)
 PREFIX="$CACHE_ROOT/llama.cpp-$VERSION-$(uname -m)-$cpu_key"
-TARGETS=(llama-server llama-quantize llama-simple)
+TARGETS=(llama-server llama-quantize)
 # --dir: print where the tools are (or will be) without building (idp_pipelines/llama_tools.py agrees).
 if [ "${1:-}" = "--dir" ]; then echo "$PREFIX/bin"; exit 0; fi
 
-if [ -x "$PREFIX/bin/llama-server" ] && [ -x "$PREFIX/bin/llama-quantize" ] && [ -x "$PREFIX/bin/llama-simple" ]; then
+if [ -x "$PREFIX/bin/llama-server" ] && [ -x "$PREFIX/bin/llama-quantize" ]; then
   echo "$PREFIX/bin"; exit 0
 fi
 for tool in cmake g++ make; do
@@ -25,7 +25,7 @@ mkdir -p "$CACHE_ROOT"
 # One build at a time per cache (two clones running make test at once wait for each other).
 exec 9>"$CACHE_ROOT/.llama.cpp.lock"
 flock 9
-if [ -x "$PREFIX/bin/llama-server" ] && [ -x "$PREFIX/bin/llama-quantize" ] && [ -x "$PREFIX/bin/llama-simple" ]; then
+if [ -x "$PREFIX/bin/llama-server" ] && [ -x "$PREFIX/bin/llama-quantize" ]; then
   echo "$PREFIX/bin"; exit 0
 fi
 work=$(mktemp -d "$CACHE_ROOT/.build-XXXXXX")

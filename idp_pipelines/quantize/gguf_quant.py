@@ -1,4 +1,4 @@
-"""GGUF quantization core: llama.cpp's own `llama-quantize` and `llama-simple` binaries plus GGUF inspection.
+"""GGUF quantization core: llama.cpp's own `llama-quantize` and `llama-server` binaries plus GGUF inspection.
 
 Plain Python, no Dagster. ``numpy`` and ``gguf`` are imported inside functions so importing this module is
 cheap; the binaries come from :func:`idp_pipelines.llama_tools.tool` (built once per machine).
@@ -8,7 +8,7 @@ cheap; the binaries come from :func:`idp_pipelines.llama_tools.tool` (built once
   ``os.replace`` only after it was read back successfully; on any failure the temporary file is removed and
   the destination is untouched.
 - :func:`inspect_gguf` summarises a GGUF file (architecture, tensor types, tensors not in the expected type).
-- :func:`smoke_generate` loads a GGUF with `llama-simple` and generates a few tokens greedily.
+- :func:`smoke_generate` loads a GGUF in `llama-server` (one thread) and generates a few tokens greedily.
 - :func:`expected_size_ratio` gives plausible (low, high) bounds of dst_size / src_size.
 """
 
@@ -448,12 +448,6 @@ def quantize_gguf(
     )
 
 
-# llama-simple's own summary lines (examples/simple/simple.cpp and llama_perf_context_print).
-_DECODED = re.compile(r"decoded (\d+) tokens in\s+([0-9.]+) s, speed:\s+([0-9.]+) t/s")
-_PROMPT_EVAL = re.compile(r"prompt eval time =\s*[0-9.]+ ms /\s*(\d+) tokens")
-_LOAD_MS = re.compile(r"load time =\s*([0-9.]+) ms")
-
-
 def smoke_generate(
     path: str | os.PathLike[str],
     prompt: str = "Hello",
@@ -461,54 +455,84 @@ def smoke_generate(
     *,
     timeout_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Load a GGUF with llama.cpp's `llama-simple`, generate greedily on the CPU, and report what happened.
+    """Load a GGUF in llama.cpp's `llama-server` (one thread, CPU only, 127.0.0.1), generate greedily, report.
 
     Returns {"tokens", "prompt_tokens", "text", "finish_reason", "load_seconds", "generate_seconds",
-    "seconds"}: `tokens` is llama-simple's own count of generated tokens (an end-of-generation token is not
-    one). Raises QuantizeError if the file does not load or nothing is generated as llama-simple reports it.
+    "seconds"}: `tokens` is the server's own count of generated tokens (`tokens_predicted`). Raises
+    QuantizeError if the file does not load or nothing is generated.
+
+    Why the server and not `llama-simple`: llama-simple has no thread flag and always starts 4 threads,
+    which spin at every barrier; on two busy cores 8 tokens of the tiny model took 12-20 s (2.4 s a
+    token) where the server with `-t 1` takes under a millisecond a token.
     """
+    import httpx
+
+    from idp_pipelines.embedded.processes import free_port, stop_process_group
+
     p = Path(path)
     if not p.is_file():
         raise QuantizeError(f"GGUF file not found: {p}; quantize or download it first")
-    binary = _tool("llama-simple")
+    binary = _tool("llama-server")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
     # -ngl 0: a smoke test must not take VRAM from the serving engine on a GPU host.
-    argv = [str(binary), "-m", str(p.absolute()), "-n", str(int(max_tokens)), "-ngl", "0", prompt]
+    argv = [str(binary), "-m", str(p.absolute()), "--host", "127.0.0.1", "--port", str(port), "-t", "1",
+            "-tb", "1", "-c", "512", "-np", "1", "-ngl", "0", "--no-webui", "--no-warmup"]
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        raise QuantizeError(f"llama.cpp did not finish generating {max_tokens} tokens with {p} within "
-                            f"{timeout_s:.0f} s; the model is too large for a CPU smoke test here") from exc
-    except OSError as exc:
-        raise QuantizeError(f"cannot run {binary} for {p}: {exc}; rebuild llama.cpp's tools (`make install`)") from exc
+    with tempfile.TemporaryFile() as log:
+        try:
+            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        except OSError as exc:
+            raise QuantizeError(f"cannot run {binary} for {p}: {exc}; rebuild llama.cpp's tools (`make install`)") from exc
+
+        def output() -> str:
+            log.seek(0)
+            return log.read().decode("utf-8", "replace")
+
+        try:
+            deadline = t0 + timeout_s
+            with httpx.Client(base_url=base, timeout=30.0, trust_env=False) as client:
+                while True:  # bounded by the deadline; the server says 503 while it loads
+                    if proc.poll() is not None:
+                        text = output()
+                        if "failed to load model" in text or "unable to load model" in text:
+                            raise QuantizeError(f"llama.cpp cannot load {p}: {_error_lines(text)}; the file is "
+                                                "corrupt or of an unsupported architecture")
+                        raise QuantizeError(f"llama.cpp exited ({_exit_text(proc.returncode)}) while loading {p}: "
+                                            f"{_error_lines(text) or 'no error line'}")
+                    try:
+                        if client.get("/health").status_code == 200:
+                            break
+                    except httpx.TransportError:
+                        pass
+                    if time.perf_counter() > deadline:
+                        raise QuantizeError(f"llama.cpp did not load {p} within {timeout_s:.0f} s; the model is "
+                                            "too large for a CPU smoke test here")
+                    time.sleep(0.05)
+                loaded = time.perf_counter()
+                try:
+                    reply = client.post("/completion", json={
+                        "prompt": prompt, "n_predict": int(max_tokens), "temperature": 0, "cache_prompt": False},
+                        timeout=max(1.0, deadline - time.perf_counter()))
+                    reply.raise_for_status()
+                    body = reply.json()
+                except (httpx.HTTPError, ValueError) as exc:
+                    raise QuantizeError(f"llama.cpp failed to generate with {p} ({exc}): "
+                                        f"{_error_lines(output()) or 'no error line'}; the file loads but does not "
+                                        "run: re-quantize it or check the llama.cpp build") from exc
+        finally:
+            stop_process_group(proc, timeout_s=10)
     seconds = time.perf_counter() - t0
-    out = proc.stdout.decode("utf-8", "replace")
-    err = proc.stderr.decode("utf-8", "replace")
-    decoded = _DECODED.search(err)
-    if "unable to load model" in err:
-        raise QuantizeError(f"llama.cpp cannot load {p}: {_error_lines(err)}; the file is corrupt or of an "
-                            "unsupported architecture")
-    if proc.returncode != 0 or decoded is None:
-        detail = _error_lines(err) or "no token count in its output"
-        raise QuantizeError(f"llama.cpp failed to generate with {p} ({_exit_text(proc.returncode)}): {detail}; "
-                            "the file loads but does not run: re-quantize it or check the llama.cpp build")
-    tokens = int(decoded.group(1))
-    # llama-simple prints both with two decimals: seconds are precise for a slow run, the speed for a fast one.
-    generate_seconds, speed = float(decoded.group(2)), float(decoded.group(3))
-    if generate_seconds < 1.0 and tokens and speed > 0:
-        generate_seconds = tokens / speed
-    prompt_eval = _PROMPT_EVAL.search(err)
-    load = _LOAD_MS.search(err)
-    # llama-simple prints the prompt's tokens (special ones rendered, e.g. "<s>") and then the generation.
-    body = out[:-1] if out.endswith("\n") else out
-    at = body.find(prompt)
-    text = body[at + len(prompt):] if at >= 0 else body
+    tokens = int(body.get("tokens_predicted") or 0)
+    timings = body.get("timings") or {}
+    generate_seconds = (timings.get("predicted_ms") or 0) / 1000
     return {
         "tokens": tokens,
-        "prompt_tokens": int(prompt_eval.group(1)) if prompt_eval else 0,
-        "text": text,
+        "prompt_tokens": int(body.get("tokens_evaluated") or timings.get("prompt_n") or 0),
+        "text": body.get("content", ""),
         "finish_reason": "length" if tokens >= max_tokens else "stop",
-        "load_seconds": float(load.group(1)) / 1000 if load else None,
-        "generate_seconds": min(generate_seconds, seconds),  # rounding must not make a part exceed the whole
+        "load_seconds": loaded - t0,
+        "generate_seconds": min(generate_seconds, seconds),
         "seconds": seconds,
     }

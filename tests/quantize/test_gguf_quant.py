@@ -91,7 +91,7 @@ def llama_cpp():
     """llama.cpp's tools; a machine without them fails here with the command that builds them."""
     from idp_pipelines.llama_tools import tool
 
-    return {name: tool(name) for name in ("llama-quantize", "llama-simple")}
+    return {name: tool(name) for name in ("llama-quantize", "llama-server")}
 
 
 @pytest.fixture(scope="module")
