@@ -8,9 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, Redactor, TrackingError
+from idp_pipelines.assets.tracking import recommended_concurrency
 from idp_pipelines.embedded.processes import free_port
-from idp_pipelines.tracking.mlflow_log import REDACTED, step_metrics, tuned_step
+from idp_pipelines.secrets import REDACTED, Redactor
+from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, TrackingError
+from idp_pipelines.tracking.specs import TUNED_BY_GOODPUT, TUNED_BY_SLO, mlflow_key, step_metrics, tuned_step
 from tests.tracking.synthetic import SECRET, T0, insert_benchmark_run, insert_quantization
 
 
@@ -26,7 +28,8 @@ def _seed(warehouse, *, leak: bool = False) -> None:
 def _logger(client, warehouse, uri, prefix, findings: dict[str, Path] | None = None, **kw) -> MLflowLogger:
     findings = findings or {}
     return MLflowLogger(client, warehouse, uri, experiment_prefix=prefix, dagster_run_id="logger-run-1",
-                        findings_for=findings.get, redactor=kw.pop("redactor", None) or Redactor.from_env(), **kw)
+                        findings_for=findings.get, redactor=kw.pop("redactor", None) or Redactor.from_env(),
+                        recommend=kw.pop("recommend", recommended_concurrency), **kw)
 
 
 def _runs(client, prefix, name, view="ALL"):
@@ -80,6 +83,7 @@ def test_each_complete_run_logged_once_with_params_curves_and_artefacts(mlflow_s
         rows = [dict(zip(names, r)) for r in cur.fetchall()]
     recommended = recommend_concurrency(rows, {"ttft_ms": 2000.0, "tpot_ms": 100.0}).recommended
     assert recommended is not None and r1.data.metrics["tuned/concurrency"] == recommended
+    assert r1.data.tags["idp.tuned_by"] == TUNED_BY_SLO
     goodput = dict(_steps(warehouse, "r1", "goodput_requests_per_s"))
     assert r1.data.metrics["tuned/goodput_requests_per_s"] == pytest.approx(goodput[recommended])
 
@@ -240,8 +244,7 @@ def test_mlflow_down_names_the_uri_keeps_duckdb_and_the_next_sync_logs_each_run_
 
 
 def test_keys_become_what_mlflow_accepts():
-    from idp_pipelines.tracking.mlflow_log import _key
-
+    _key = mlflow_key
     assert _key("engine.max_num_seqs") == "engine.max_num_seqs"
     assert _key("idp.lab_git_sha.idp-pipelines:main") == "idp.lab_git_sha.idp-pipelines:main"
     assert _key("engine.rope{scaling}") == "engine.rope_scaling_"
@@ -251,9 +254,25 @@ def test_keys_become_what_mlflow_accepts():
 def test_tuned_step_is_the_most_goodput_and_ties_go_to_fewer_sequences():
     steps = [{"concurrency": 1, "goodput_requests_per_s": 2.0}, {"concurrency": 4, "goodput_requests_per_s": 6.0},
              {"concurrency": 8, "goodput_requests_per_s": 6.0}, {"concurrency": 16, "goodput_requests_per_s": None}]
-    assert tuned_step(steps)["concurrency"] == 4
-    assert tuned_step([{"concurrency": 2, "output_tokens_per_s": 9.0}])["concurrency"] == 2
-    assert tuned_step([{"concurrency": 2}]) is None
+    assert tuned_step(steps) == (steps[1], TUNED_BY_GOODPUT)
+    assert tuned_step([{"concurrency": 2, "output_tokens_per_s": 9.0}])[0]["concurrency"] == 2
+    assert tuned_step([{"concurrency": 2}]) == (None, TUNED_BY_GOODPUT)
+
+
+def test_tuned_step_is_the_recommended_one_when_a_recommendation_is_handed_in():
+    steps = [{"concurrency": 1, "goodput_requests_per_s": 2.0}, {"concurrency": 4, "goodput_requests_per_s": 6.0},
+             {"concurrency": 8, "goodput_requests_per_s": 7.0}]
+    seen = []
+
+    def recommend(given, slos):
+        seen.append((given, slos))
+        return 4
+
+    assert tuned_step(steps, {"ttft_ms": 100.0}, recommend) == (steps[1], TUNED_BY_SLO)
+    assert seen == [(steps, {"ttft_ms": 100.0})]
+    # no SLO, or nothing recommended: the most goodput, and the tag says which rule chose it
+    assert tuned_step(steps, None, recommend) == (steps[2], TUNED_BY_GOODPUT)
+    assert tuned_step(steps, {"ttft_ms": 1.0}, lambda s, slo: None) == (steps[2], TUNED_BY_GOODPUT)
 
 
 def test_step_metrics_take_columns_then_summary_then_server_numbers():
