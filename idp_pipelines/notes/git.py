@@ -188,6 +188,14 @@ def _split_message(msg: str) -> tuple[str, str]:
 
     Lines are split at "\n" only, as git does (str.splitlines would also split at \x1c-\x1e, \x85...).
     """
+    # the common shape, a one-line subject then a blank line (or nothing), without walking the lines:
+    # it runs for every commit of a first sync
+    first, _, rest = msg.partition("\n")
+    subject = first.rstrip(_GIT_SPACE)
+    if subject:
+        second, _, after = rest.partition("\n")
+        if not second.strip(_GIT_SPACE):
+            return subject, _body(after)
     n = len(msg)
     pos = 0
     subject = None
@@ -201,12 +209,15 @@ def _split_message(msg: str) -> tuple[str, str]:
             subject = line if subject is None else f"{subject} {line}"
         elif subject is not None:
             break
-    if pos >= n:
-        return subject or "", ""
-    rest = msg[pos:]
-    first = len(rest) - len(rest.lstrip(_GIT_SPACE))  # the first non-space character...
-    start = rest.rfind("\n", 0, first) + 1  # ...and the start of its line: its indentation stays
-    return subject or "", rest[start:].rstrip(_GIT_SPACE)
+    return subject or "", _body(msg[pos:]) if pos < n else ""
+
+
+def _body(rest: str) -> str:
+    """The text from its first non-blank line (whose indentation stays), trailing whitespace cut."""
+    text = rest.lstrip(_GIT_SPACE)
+    if len(text) != len(rest):
+        text = rest[rest.rfind("\n", 0, len(rest) - len(text)) + 1:]
+    return text.rstrip(_GIT_SPACE)
 
 
 class CommitBatch(Sequence[Commit]):
