@@ -40,7 +40,6 @@ from idp_pipelines.gitcli import (
 __all__ = ["BATCH_COMMITS", "Commit", "CommitBatch", "FileChange", "GitError", "Move", "RepoUnavailable", "Sync",
            "classify_move", "iter_log", "log_args", "no_gc", "sync_repo"]
 
-_SHA = re.compile(rb"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 _HEADER = b"\x1e"  # marks the first field of each commit; a numstat entry starts with a digit or '-'
 # fields of one commit, NUL-separated; the raw message (%B) is last because it is the only free text
 _FORMAT = "%x1e%H%x00%P%x00%e%x00%an%x00%ae%x00%ad%x00%cn%x00%ce%x00%cd%x00%B"
