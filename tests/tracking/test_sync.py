@@ -1,4 +1,4 @@
-"""idp_pipelines.tracking against a real `mlflow server`: each benchmark run logged once, resumable, no secret."""
+"""idp_pipelines.tracking.sync against a real `mlflow server`: each benchmark run logged once, resumable, no secret."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from idp_pipelines.assets.tracking import recommended_concurrency
 from idp_pipelines.embedded.processes import free_port
 from idp_pipelines.secrets import REDACTED, Redactor
 from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, TrackingError
-from idp_pipelines.tracking.specs import TUNED_BY_GOODPUT, TUNED_BY_SLO, mlflow_key, step_metrics, tuned_step
+from idp_pipelines.tracking.specs import TUNED_BY_SLO
 from tests.tracking.synthetic import SECRET, T0, insert_benchmark_run, insert_quantization
 
 
@@ -238,50 +238,6 @@ def test_mlflow_down_names_the_uri_keeps_duckdb_and_the_next_sync_logs_each_run_
     assert _logger(client, warehouse, mlflow_server, prefix).sync().logged == []
     ids = [r.data.tags["idp.benchmark_run_id"] for r in _runs(client, prefix, "benchmarks/vllm-a")]
     assert sorted(ids) == ["r1", "r2"]
-
-
-# ---------------------------------------------------------------------------------------------- no server
-
-
-def test_keys_become_what_mlflow_accepts():
-    _key = mlflow_key
-    assert _key("engine.max_num_seqs") == "engine.max_num_seqs"
-    assert _key("idp.lab_git_sha.idp-pipelines:main") == "idp.lab_git_sha.idp-pipelines:main"
-    assert _key("engine.rope{scaling}") == "engine.rope_scaling_"
-    assert _key("/a//b/../c/") == "a/b/_/c"
-
-
-def test_tuned_step_is_the_most_goodput_and_ties_go_to_fewer_sequences():
-    steps = [{"concurrency": 1, "goodput_requests_per_s": 2.0}, {"concurrency": 4, "goodput_requests_per_s": 6.0},
-             {"concurrency": 8, "goodput_requests_per_s": 6.0}, {"concurrency": 16, "goodput_requests_per_s": None}]
-    assert tuned_step(steps) == (steps[1], TUNED_BY_GOODPUT)
-    assert tuned_step([{"concurrency": 2, "output_tokens_per_s": 9.0}])[0]["concurrency"] == 2
-    assert tuned_step([{"concurrency": 2}]) == (None, TUNED_BY_GOODPUT)
-
-
-def test_tuned_step_is_the_recommended_one_when_a_recommendation_is_handed_in():
-    steps = [{"concurrency": 1, "goodput_requests_per_s": 2.0}, {"concurrency": 4, "goodput_requests_per_s": 6.0},
-             {"concurrency": 8, "goodput_requests_per_s": 7.0}]
-    seen = []
-
-    def recommend(given, slos):
-        seen.append((given, slos))
-        return 4
-
-    assert tuned_step(steps, {"ttft_ms": 100.0}, recommend) == (steps[1], TUNED_BY_SLO)
-    assert seen == [(steps, {"ttft_ms": 100.0})]
-    # no SLO, or nothing recommended: the most goodput, and the tag says which rule chose it
-    assert tuned_step(steps, None, recommend) == (steps[2], TUNED_BY_GOODPUT)
-    assert tuned_step(steps, {"ttft_ms": 1.0}, lambda s, slo: None) == (steps[2], TUNED_BY_GOODPUT)
-
-
-def test_step_metrics_take_columns_then_summary_then_server_numbers():
-    m = step_metrics({"run_id": "r", "step_index": 0, "concurrency": 4, "ttft_ms_p95": 120.0, "ttft_ms_p99": None,
-                      "summary": json.dumps({"ttft_ms_p95": 999.0, "ttft_ms_p90": 110.0, "slos": {"ttft_ms": 2000},
-                                             "ttft_ms_p95_sufficient": True, "errors_by_kind": {"auth": 2}}),
-                      "server_metrics": json.dumps({"kv_cache_usage": {"max": 0.5}})})
-    assert m == {"ttft_ms_p95": 120.0, "ttft_ms_p90": 110.0, "errors_by_kind.auth": 2.0,
-                 "server.kv_cache_usage.max": 0.5}
 
 
 def test_a_wiped_store_behind_the_same_uri_is_logged_again_but_a_run_deleted_by_hand_is_not(
