@@ -85,9 +85,10 @@ def main() -> None:
         repo = tmp / "big"
         print(f"building a {COMMITS:,}-commit repo with git fast-import ...", flush=True)
         print(f"  built in {build_repo(repo, COMMITS):.1f} s")
-        from idp_pipelines.notes.git import _CONFIG, log_args
+        from idp_pipelines.gitcli import CONFIG_ARGS
+        from idp_pipelines.notes.git import log_args
 
-        same_cmd = [*_CONFIG, *log_args(["main"])]  # the very command the sync runs
+        same_cmd = [*CONFIG_ARGS, *log_args(["main"])]  # the very command the sync runs
         git_log_seconds(repo, ["log", "--oneline", "-n", "10"])  # warm the object store's page cache
         plain = min(git_log_seconds(repo, ["log", "--numstat", "main"]) for _ in range(2))
 

@@ -23,8 +23,8 @@ class ObsidianNotesConfig(dg.Config):
     recreate: bool = False  # also recreate generated notes the owner deleted
 
 
-def build(lab: Lab) -> dg.Definitions:
-    repo_partitions = dg.StaticPartitionsDefinition([r.name for r in lab.git_repos])
+def build(inventory: Lab) -> dg.Definitions:
+    repo_partitions = dg.StaticPartitionsDefinition([r.name for r in inventory.git_repos])
 
     @dg.asset(
         partitions_def=repo_partitions,
@@ -39,7 +39,7 @@ def build(lab: Lab) -> dg.Definitions:
         from idp_pipelines.notes.git import BATCH_COMMITS
         from idp_pipelines.notes.pipeline import sync_to_warehouse
 
-        repo = next(r for r in lab.load().git_repos if r.name == context.partition_key)
+        repo = lab.load().git_repo(context.partition_key)  # a partition left after an edit: LabError naming it
         wh = warehouse.get(context.log)
 
         def progress(read: int, stored: int) -> None:
@@ -115,7 +115,8 @@ def build(lab: Lab) -> dg.Definitions:
 
 def evaluate_git_heads(context: dg.SensorEvaluationContext, inv: Lab) -> dg.SensorResult:
     """One `git for-each-ref` per repo; more git only for a branch that moved."""
-    from idp_pipelines.notes.git import GitError, classify_move, resolve_refs
+    from idp_pipelines.gitcli import GitError, resolve_refs
+    from idp_pipelines.notes.git import classify_move
 
     cursor: dict[str, dict[str, str]] = json.loads(context.cursor) if context.cursor else {}
     requests, skipped = [], []

@@ -1,32 +1,24 @@
 """MLflow: every complete benchmark run and quantization in DuckDB as one comparable MLflow run each."""
 
-import os
-from pathlib import Path
-
 import dagster as dg
 
 from idp_pipelines.assets.common import FOLLOW_UPDATES
 from idp_pipelines.lab import Lab
 from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import LabResource, MLflowResource, WarehouseResource
+from idp_pipelines.settings import dagster_url
 
 MAX_TABLE_ROWS = 50
 
 
-def dagster_url() -> str:
-    """The Dagster UI the MLflow runs link back to."""
-    return os.environ.get("IDP_DAGSTER_URL", "http://127.0.0.1:3000").rstrip("/")
+def recommended_concurrency(steps: list[dict], slos: dict) -> int | None:
+    """benchmark_tuning's judgement, handed to the tracking core as a plain function (it never imports bench)."""
+    from idp_pipelines.bench.tuning import recommend_concurrency
+
+    return recommend_concurrency(steps, slos).recommended
 
 
-def findings_report(run_id: str) -> Path | None:
-    """The hardware_findings report that first judged this run, once that asset has run."""
-    from idp_pipelines.assets.benchmarks import findings_path
-
-    path = findings_path(run_id)
-    return path if path.is_file() else None
-
-
-def build(lab: Lab) -> dg.Definitions:
+def build(inventory: Lab) -> dg.Definitions:
     @dg.asset(
         group_name="benchmarks",
         kinds={"mlflow", "duckdb"},
@@ -38,15 +30,15 @@ def build(lab: Lab) -> dg.Definitions:
     )
     def mlflow_experiments(context: dg.AssetExecutionContext, lab: LabResource, warehouse: WarehouseResource,
                            mlflow: MLflowResource) -> dg.MaterializeResult:
-        from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, Redactor
+        from idp_pipelines.secrets import Redactor
+        from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger
 
-        inv = lab.load()
         uri = mlflow.uri()
         logger = MLflowLogger(
             mlflow.client(), warehouse.get(context.log), uri,
             experiment_prefix=mlflow.experiment_prefix, dagster_url=dagster_url(),
-            dagster_run_id=context.run.run_id, findings_for=findings_report,
-            redactor=Redactor.for_lab(inv), run_url=mlflow.run_url, progress=context.log.info,
+            dagster_run_id=context.run.run_id, redactor=Redactor.for_lab(lab.load()),
+            recommend=recommended_concurrency, progress=context.log.info,
         )
         report = logger.sync()  # a TrackingError fails the run with the tracking URI in its message
         rows = [{"kind": r.kind, "source": r.source_id[:16] if r.kind == QUANTIZATION else r.source_id,

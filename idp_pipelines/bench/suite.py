@@ -92,7 +92,7 @@ def provenance(lab: Lab) -> dict[str, Any]:
     Uses the knowledge domain's git reader (one `for-each-ref` per repo); a repo that cannot be read
     records None rather than failing the benchmark.
     """
-    from idp_pipelines.notes.git import GitError, git, resolve_refs
+    from idp_pipelines.gitcli import GitError, git, resolve_refs
 
     def heads(repo: os.PathLike | str, branches: list[str]) -> dict[str, str | None]:
         try:

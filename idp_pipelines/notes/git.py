@@ -17,28 +17,33 @@ import os
 import re
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+# the runner is shared (gitcli); this module keeps what reading and syncing history needs
+from idp_pipelines.gitcli import (
+    CONFIG_ARGS,
+    GitError,
+    RepoUnavailable,
+    exists,
+    git_env,
+    is_ancestor,
+    is_shallow,
+    is_unavailable,
+    merge_base,
+    resolve_refs,
+    rev_list,
+)
 
-class GitError(RuntimeError):
-    """A git command failed (the message names the repo, the command and git's own words)."""
+__all__ = ["BATCH_COMMITS", "Commit", "CommitBatch", "FileChange", "GitError", "Move", "RepoUnavailable", "Sync",
+           "classify_move", "iter_log", "log_args", "no_gc", "sync_repo"]
 
-
-class RepoUnavailable(GitError):
-    """The repo is missing, not a git repo, refused (ownership, permissions) or does not answer in time."""
-
-
-_SHA = re.compile(rb"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 _HEADER = b"\x1e"  # marks the first field of each commit; a numstat entry starts with a digit or '-'
 # fields of one commit, NUL-separated; the raw message (%B) is last because it is the only free text
 _FORMAT = "%x1e%H%x00%P%x00%e%x00%an%x00%ae%x00%ad%x00%cn%x00%ce%x00%cd%x00%B"
 _NFIELDS = 10
-# git reads its config; these keep a user's settings from changing what we parse
-_CONFIG = ["-c", "log.showSignature=false", "-c", "core.quotePath=false", "-c", "diff.renameLimit=1000",
-           "-c", "color.ui=never"]
 
 
 @dataclass(frozen=True)
@@ -92,86 +97,6 @@ def _tz_text(t: datetime) -> str:
     minutes = int(off.total_seconds() // 60)
     sign = "-" if minutes < 0 else "+"
     return f"{sign}{abs(minutes) // 60:02d}{abs(minutes) % 60:02d}"
-
-
-# ------------------------------------------------------------------------------------------------ git
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(LC_ALL="C", LANG="C", GIT_TERMINAL_PROMPT="0", GIT_OPTIONAL_LOCKS="0", GIT_PAGER="cat",
-               GIT_NO_REPLACE_OBJECTS="1")
-    for var in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY", "GIT_CEILING_DIRECTORIES"):
-        env.pop(var, None)
-    return env
-
-
-def git(repo: str | os.PathLike[str], *args: str, timeout: float = 120.0, ok: Sequence[int] = (0,)) -> bytes:
-    """Run `git -C repo args...` (no shell) and return stdout; RepoUnavailable/GitError say what failed."""
-    path = Path(repo)
-    if not path.is_dir():
-        raise RepoUnavailable(f"git repo {path} does not exist. Fix: correct git_repos[].path in the lab inventory.")
-    cmd = ["git", "-C", str(path), *_CONFIG, *args]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, timeout=timeout, env=_env(), stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise RepoUnavailable(f"git {args[0]} in {path} did not answer within {timeout:.0f} s (repo locked or "
-                              f"on a stalled disk?)") from None
-    except OSError as exc:
-        raise RepoUnavailable(f"cannot run git in {path}: {exc}. Fix: install git (make install does).") from None
-    if proc.returncode not in ok:
-        err = proc.stderr.decode("utf-8", "replace").strip()
-        cls = RepoUnavailable if _unavailable(err) else GitError
-        raise cls(f"git {' '.join(args[:3])} in {path} failed ({proc.returncode}): {err[:500]}")
-    return proc.stdout
-
-
-def _unavailable(err: str) -> bool:
-    return any(s in err for s in ("not a git repository", "dubious ownership", "Permission denied",
-                                  "cannot change to", "Unable to read", "index.lock", ".lock': File exists"))
-
-
-def resolve_refs(repo: str | os.PathLike[str], branches: Iterable[str]) -> dict[str, str | None]:
-    """The commit sha of each branch (None when it does not exist), in one cheap git call."""
-    branches = list(branches)
-    out = git(repo, "for-each-ref", "--format=%(objectname)%00%(refname)", "--",
-              *(f"refs/heads/{b}" for b in branches), timeout=20.0)
-    found: dict[str, str] = {}
-    for line in out.splitlines():
-        sha, _, ref = line.partition(b"\0")
-        found[ref.decode("utf-8", "surrogateescape").removeprefix("refs/heads/")] = sha.decode()
-    return {b: found.get(b) for b in branches}
-
-
-def exists(repo: str | os.PathLike[str], sha: str) -> bool:
-    """Whether `sha` is a commit present in the repo (gc'd or outside a shallow clone: False)."""
-    out = git(repo, "cat-file", "-t", sha, ok=(0, 1, 128), timeout=20.0)
-    return out.strip() == b"commit"
-
-
-def is_ancestor(repo: str | os.PathLike[str], old: str, new: str) -> bool:
-    cmd = ["git", "-C", str(repo), "merge-base", "--is-ancestor", old, new]
-    rc = subprocess.run(cmd, capture_output=True, timeout=60.0, env=_env(), stdin=subprocess.DEVNULL).returncode
-    if rc not in (0, 1):
-        raise GitError(f"git merge-base --is-ancestor {old[:12]} {new[:12]} in {repo} failed ({rc})")
-    return rc == 0
-
-
-def merge_base(repo: str | os.PathLike[str], a: str, b: str) -> str | None:
-    out = git(repo, "merge-base", a, b, ok=(0, 1), timeout=60.0).strip()
-    return out.decode() or None
-
-
-def is_shallow(repo: str | os.PathLike[str]) -> bool:
-    return git(repo, "rev-parse", "--is-shallow-repository", timeout=20.0).strip() == b"true"
-
-
-def rev_list(repo: str | os.PathLike[str], include: Sequence[str], exclude: Sequence[str] = ()) -> list[str]:
-    """Shas reachable from `include` and not from `exclude` (no diffs: cheap even for 100k commits)."""
-    if not include:
-        return []
-    args = ["rev-list", "--topo-order", *include, *(f"^{x}" for x in exclude), "--"]
-    return [s.decode() for s in git(repo, *args).split()]
 
 
 # ------------------------------------------------------------------------------------------ moves
@@ -251,13 +176,47 @@ def _when(epoch: int, tz: str) -> datetime:
     return datetime.fromtimestamp(epoch, timezone(timedelta(hours=int(tz[1:3]), minutes=int(tz[3:5])) * sign))
 
 
+# git's isspace(): space, tab, LF and CR; not \v or \f (a line of those is not blank to git)
+_GIT_SPACE = " \t\n\r"
+
+
 def _split_message(msg: str) -> tuple[str, str]:
-    """Subject as git's %s (first paragraph, lines joined), body the rest."""
-    msg = msg.strip("\n")
-    head, sep, rest = msg.partition("\n\n")
-    # lines are split at "\n" only, as git does (str.splitlines would also split at \x1c-\x1e, \x85...)
-    subject = " ".join(line.strip(" \t\r") for line in head.split("\n"))
-    return subject, rest.strip("\n")
+    """Subject and body as git's %s and %b (pretty.c): blank lines first are skipped, the subject is the
+    first paragraph with each line's trailing whitespace cut and the lines joined by a space; a line of
+    only whitespace ends it. The body is the rest from its first non-blank line, trailing whitespace cut.
+
+    Lines are split at "\n" only, as git does (str.splitlines would also split at \x1c-\x1e, \x85...).
+    """
+    # the common shape, a one-line subject then a blank line (or nothing), without walking the lines:
+    # it runs for every commit of a first sync
+    first, _, rest = msg.partition("\n")
+    subject = first.rstrip(_GIT_SPACE)
+    if subject:
+        second, _, after = rest.partition("\n")
+        if not second.strip(_GIT_SPACE):
+            return subject, _body(after)
+    n = len(msg)
+    pos = 0
+    subject = None
+    while pos < n:
+        end = msg.find("\n", pos)
+        if end < 0:
+            end = n
+        line = msg[pos:end].rstrip(_GIT_SPACE)
+        pos = end + 1
+        if line:
+            subject = line if subject is None else f"{subject} {line}"
+        elif subject is not None:
+            break
+    return subject or "", _body(msg[pos:]) if pos < n else ""
+
+
+def _body(rest: str) -> str:
+    """The text from its first non-blank line (whose indentation stays), trailing whitespace cut."""
+    text = rest.lstrip(_GIT_SPACE)
+    if len(text) != len(rest):
+        text = rest[rest.rfind("\n", 0, len(rest) - len(text)) + 1:]
+    return text.rstrip(_GIT_SPACE)
 
 
 class CommitBatch(Sequence[Commit]):
@@ -398,14 +357,6 @@ class CommitBatch(Sequence[Commit]):
             self.file_deletions.append(None if dels == b"-" else int(dels))
 
 
-def parse_log(out: bytes) -> CommitBatch:
-    """Parse `git log -z --numstat -M --format=_FORMAT` output."""
-    batch = CommitBatch()
-    with no_gc():
-        batch.parse(out.split(b"\0"))
-    return batch
-
-
 def _parse_stream(stream, batch_size: int, chunk: int = 1 << 18) -> Iterator[CommitBatch]:
     """Batches of commits from git's pipe as it writes (parsing overlaps git's own work)."""
     carry: list[bytes] = []  # tokens of a commit whose end has not arrived yet
@@ -481,8 +432,8 @@ def iter_log(repo: str | os.PathLike[str], include: Sequence[str] = (), exclude:
     else:
         args = log_args(include, exclude, max_count)
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(["git", "-C", str(path), *_CONFIG, *args], stdout=subprocess.PIPE, stderr=err,
-                                stdin=subprocess.PIPE if listed is not None else subprocess.DEVNULL, env=_env())
+        proc = subprocess.Popen(["git", "-C", str(path), *CONFIG_ARGS, *args], stdout=subprocess.PIPE, stderr=err,
+                                stdin=subprocess.PIPE if listed is not None else subprocess.DEVNULL, env=git_env())
         try:
             if listed is not None:
                 try:
@@ -502,17 +453,8 @@ def iter_log(repo: str | os.PathLike[str], include: Sequence[str] = (), exclude:
         if rc != 0:
             err.seek(0)
             text = err.read().decode("utf-8", "replace").strip()
-            cls = RepoUnavailable if _unavailable(text) else GitError
+            cls = RepoUnavailable if is_unavailable(text) else GitError
             raise cls(f"git log in {path} failed ({rc}): {text[:500]}")
-
-
-def read_commits(repo: str | os.PathLike[str], include: Sequence[str], exclude: Sequence[str] = (),
-                 max_count: int | None = None) -> CommitBatch:
-    """All commits reachable from `include` but not `exclude`, newest first, as one batch."""
-    out = CommitBatch()
-    for batch in iter_log(repo, include, exclude, max_count):
-        out.extend(batch)
-    return out
 
 
 # ------------------------------------------------------------------------------------------- sync

@@ -12,8 +12,7 @@ from typing import Optional
 
 from idp_pipelines.lab import Lab
 from idp_pipelines.notes.git import BATCH_COMMITS, CommitBatch, Sync, no_gc, sync_repo
-
-DAGSTER_URL_ENV = "IDP_DAGSTER_URL"
+from idp_pipelines.settings import dagster_url
 
 
 def sync_to_warehouse(wh, repo: str, path, branches: Sequence[str], *, run_id: Optional[str] = None,
@@ -270,7 +269,7 @@ def layout_for(inv: Lab):
 
     return Layout(daily_folder=inv.vault.daily_folder, date_format=inv.vault.date_format,
                   tz=ZoneInfo(inv.schedules.timezone),
-                  dagster_url=os.environ.get(DAGSTER_URL_ENV) or "http://127.0.0.1:3000")
+                  dagster_url=dagster_url())
 
 
 @no_gc()

@@ -168,11 +168,6 @@ def link_configs_to_runs(commits: Iterable[CommitRow], runs: Sequence[BenchRun],
 # ---------------------------------------------------------------------------------------- notes
 
 
-def render_all(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Sequence[RepoInfo],
-               layout: Layout = Layout()) -> list[Note | GeneratedFile]:
-    return list(iter_notes(commits, runs, repos, layout))
-
-
 def iter_notes(commits: Sequence[CommitRow], runs: Sequence[BenchRun], repos: Sequence[RepoInfo],
                layout: Layout = Layout()) -> Iterator[Note | GeneratedFile]:
     """Every note, one at a time: write_notes writes each before the next is rendered."""

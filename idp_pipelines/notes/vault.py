@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import json
 import os
 import re
-import tempfile
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -31,11 +29,16 @@ from typing import Any
 
 import yaml
 
+from idp_pipelines.files import atomic_write
+from idp_pipelines.locks import file_lock
+
 GENERATOR = "idp_pipelines/knowledge/v1"
 # libyaml's safe loader when PyYAML was built with it (its wheels are): ~10x faster on a vault of notes
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 STATE_DIR = ".idp"
 STATE_FILE = "notes.json"
+# a first generation of 100 000 commits' notes takes about a minute; waiting far longer means a stuck run
+LOCK_TIMEOUT_S = 1800.0
 
 
 class VaultError(ValueError):
@@ -402,24 +405,6 @@ def resolve_inside(vault: Path, rel: str) -> Path:
     return target
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".idp-tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 # ------------------------------------------------------------------------------------------ write
 
 
@@ -427,10 +412,10 @@ def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
 def _vault_lock(vault: Path) -> Iterator[dict]:
     """One generator at a time per vault; yields the state (generated note paths), saved on exit."""
     state_dir = vault / STATE_DIR
-    state_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(state_dir / "lock", timeout_s=LOCK_TIMEOUT_S, what="the notes generator's lock on the vault",
+                   holder="the notes generator (obsidian_notes)", error=VaultError,
+                   fix="wait for the other run writing this vault to finish, or stop it; then materialise "
+                       "obsidian_notes again"):
         path = state_dir / STATE_FILE
         try:
             state = json.loads(path.read_text("utf-8"))
@@ -446,8 +431,6 @@ def _vault_lock(vault: Path) -> Iterator[dict]:
         if json.dumps(state, sort_keys=True) != before:
             text = json.dumps(state, sort_keys=True, indent=1, ensure_ascii=False) + "\n"
             atomic_write(path, text.encode("utf-8"))
-    finally:
-        os.close(fd)
 
 
 def write_notes(vault: str | os.PathLike[str], notes: Iterable[Note | GeneratedFile], *, recreate: bool = False,

@@ -1,5 +1,4 @@
 from typing import TYPE_CHECKING, Optional
-from urllib.parse import quote
 
 import dagster as dg
 
@@ -38,9 +37,3 @@ class MLflowResource(dg.ConfigurableResource):
         from mlflow import MlflowClient  # ~2 s to import: only when used
 
         return MlflowClient(tracking_uri=self.uri())
-
-    def run_url(self, experiment_id: str, run_id: str) -> Optional[str]:
-        uri = self.uri()
-        if not uri.startswith("http"):
-            return None
-        return f"{uri}/#/experiments/{quote(experiment_id)}/runs/{quote(run_id)}"

@@ -210,3 +210,58 @@ def test_sensor_skips_missing_and_refused_repos_without_crashing(tmp_path, repo)
                                        "other": {"main": other_head}}  # nothing forgotten
     if os.geteuid() != 0:
         os.chmod(other.path / ".git", 0o755)
+
+
+def test_recreate_true_brings_back_a_note_the_owner_deleted(tmp_path, repo):
+    repo.commit("Add vLLM compose\n", {"deploy/compose.yaml": "services: {}\n"})
+    lab_file = _lab(tmp_path, {"lab-configs": (repo.path, ["main"])})
+    res, assets = _resources(lab_file, tmp_path), _assets(lab_file)
+    dg.materialize([assets["git_commits"]], partition_key="lab-configs", resources=res)
+    dg.materialize([assets["obsidian_notes"]], resources=res)
+    day = tmp_path / "vault" / "Dev Log" / "2024-05-01.md"
+    day.unlink()  # the owner's choice: the default run respects it
+
+    kept_away = dg.materialize([assets["obsidian_notes"]], resources=res)
+    md = kept_away.asset_materializations_for_node("obsidian_notes")[0].metadata
+    assert (md["deleted_by_owner"].value, md["created"].value) == (1, 0) and not day.exists()
+
+    asked = dg.materialize([assets["obsidian_notes"]], resources=res,
+                           run_config={"ops": {"obsidian_notes": {"config": {"recreate": True}}}})
+    md = asked.asset_materializations_for_node("obsidian_notes")[0].metadata
+    assert (md["deleted_by_owner"].value, md["created"].value) == (0, 1)
+    assert "Add vLLM compose" in day.read_text()
+
+
+def test_a_key_in_a_benchmark_error_comes_out_redacted_in_its_note(tmp_path, repo, monkeypatch):
+    from datetime import datetime, timezone
+
+    from tests.tracking.synthetic import insert_benchmark_run
+
+    key = "sk-live-0123456789abcdefKEY"
+    monkeypatch.setenv("LOCAL_LLAMACPP_API_KEY", key)  # named like a key: the lab's redactor knows its value
+    repo.commit("Add vLLM compose\n", {"deploy/compose.yaml": "services: {}\n"})
+    lab_file = _lab(tmp_path, {"lab-configs": (repo.path, ["main"])})
+    res, assets = _resources(lab_file, tmp_path), _assets(lab_file)
+    with Warehouse(tmp_path / "wh.duckdb").write() as con:
+        insert_benchmark_run(con, "run-key", "local-llamacpp", kind="llamacpp", status="failed",
+                             started_at=datetime(2024, 5, 1, 9, tzinfo=timezone.utc), concurrencies=(1,))
+        con.execute("UPDATE benchmark_runs SET error = ? WHERE run_id = 'run-key'",
+                    [f"HTTP 401 from http://127.0.0.1:18003/v1/chat/completions: invalid api key {key}"])
+    dg.materialize([assets["obsidian_notes"]], resources=res)
+
+    (note,) = (tmp_path / "vault" / "Benchmarks").glob("*run-key.md")
+    assert "invalid api key \\[redacted\\]" in note.read_text()  # the error is there, the key is not
+    files = [p for p in (tmp_path / "vault").rglob("*") if p.is_file()]
+    assert not [p for p in files if key.encode() in p.read_bytes().replace(b"\\", b"")]
+
+
+def test_a_partition_dropped_from_the_inventory_fails_naming_it_and_the_file(tmp_path, repo):
+    repo.linear(1)
+    lab_file = _lab(tmp_path, {"lab-configs": (repo.path, ["main"]), "old-repo": (repo.path, ["main"])})
+    assets = _assets(lab_file)  # the code location was loaded while old-repo was still in lab.yaml
+    _lab(tmp_path, {"lab-configs": (repo.path, ["main"])})
+    result = dg.materialize([assets["git_commits"]], partition_key="old-repo",
+                            resources=_resources(lab_file, tmp_path), raise_on_error=False)
+    assert not result.success
+    error = str(result.failure_data_for_node("git_commits").error)
+    assert f"{lab_file}: no git_repo named 'old-repo'" in error and "Fix:" in error

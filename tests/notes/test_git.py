@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from idp_pipelines import gitcli
 from idp_pipelines.notes import git
-from idp_pipelines.notes.git import RepoUnavailable, read_commits, sync_repo
+from idp_pipelines.notes.git import RepoUnavailable, sync_repo
 from tests.notes.gitutil import Repo
 
 
@@ -20,12 +21,17 @@ def repo(tmp_path) -> Repo:
     return Repo(tmp_path / "lab-configs")
 
 
+def read_commits(repo: Repo, branch: str = "main") -> git.CommitBatch:
+    """What a first sync of the branch reads (the path the git_commits asset takes), newest first."""
+    return sync_repo(repo.path, [branch], {}).commits
+
+
 def test_linear_history_with_rename_binary_and_zone(repo):
     first = repo.commit("Add compose file\n\nFirst version of the\nvLLM service.\n",
                        {"compose.yaml": "a\nb\nc\n"}, tz="-0530")
     second = repo.commit("Move compose file, add logo\n",
                          {"compose.yaml": None, "deploy/compose.yaml": "a\nb\nc\nd\n", "logo.png": b"\x89PNG\x00\x01"})
-    c2, c1 = read_commits(repo.path, ["main"])
+    c2, c1 = read_commits(repo)
     assert (c1.sha, c2.sha, c2.parents, c1.parents) == (first, second, (first,), ())
     assert c1.subject == "Add compose file" and c1.body == "First version of the\nvLLM service."
     assert (c1.author_name, c1.author_email, c1.author_tz) == ("Ada Lovelace", "ada@example.org", "-0530")
@@ -47,16 +53,50 @@ def test_merge_commit_has_both_parents(repo):
     main = repo.commit("main work\n", {"c.txt": "c\n"})
     repo.clock += 60
     repo.git("merge", "-q", "--no-ff", "-m", "Merge feature", "feature")
-    merge = read_commits(repo.path, ["main"])[0]
+    merge = read_commits(repo)[0]
     assert merge.subject == "Merge feature" and set(merge.parents) == {main, feat}
-    assert {c.sha for c in read_commits(repo.path, ["main"])} == {base, feat, main, merge.sha}
+    assert {c.sha for c in read_commits(repo)} == {base, feat, main, merge.sha}
+
+
+MESSAGES = {
+    "separator of spaces": "Tune vLLM for the 5070 Ti\n   \nRaise max_num_seqs to 48.\nKeep the rest.\n",
+    "separator of a tab": "Tune vLLM\n\t\nbody after a tab line\n",
+    "crlf": "Fix the compose file\r\n\r\nThe healthcheck\r\nwas wrong.\r\n",
+    "no body": "Only a subject\n",
+    "no newline at all": "Only a subject, no newline",
+    "subject on two lines": "Subject that goes on\non a second line  \n \nbody\n",
+    "blank lines first": "\n  \nLate subject\n\n\n\n  indented body\n\n",
+    "form feed is no space to git": "a\n\x0c\nb\n",
+}
+
+
+@pytest.mark.parametrize("name", MESSAGES)
+def test_subject_and_body_split_as_git_splits_them(repo, name):
+    """%s is the first paragraph, lines joined by a space; a line of only whitespace (spaces, a tab, a
+    CR) ends it. git itself is the reference: its own %s and %b for the same commit."""
+    sha = repo.commit(MESSAGES[name].encode(), {"a.txt": name})
+    (c,) = read_commits(repo)
+    subject, body = gitcli.git(repo.path, "log", "-1", "--format=%s%x00%b", sha).split(b"\0")
+    assert c.subject == subject.decode().removesuffix("\n")
+    assert c.body == body.decode().rstrip(" \t\r\n")
+
+
+def test_a_whitespace_separator_keeps_the_body_out_of_the_subject(repo):
+    repo.commit("Tune vLLM for the 5070 Ti\n   \nRaise max_num_seqs to 48 because the\nKV cache has room.\n")
+    repo.commit("Fix the compose file\r\n\r\nThe healthcheck was wrong.\r\n")
+    repo.commit("No body at all\n")
+    crlf_and_none, spaces = read_commits(repo)[:2], read_commits(repo)[2]
+    assert (spaces.subject, spaces.body) == ("Tune vLLM for the 5070 Ti",
+                                             "Raise max_num_seqs to 48 because the\nKV cache has room.")
+    assert [(c.subject, c.body) for c in crlf_and_none] == [("No body at all", ""),
+                                                           ("Fix the compose file", "The healthcheck was wrong.")]
 
 
 def test_latin1_and_invalid_utf8_messages_decode_without_error(repo):
     latin = repo.commit("Caf\xe9 \xfcber Stra\xdfe\n".encode("latin-1"), {"a": "1"}, encoding="ISO-8859-1",
                         author="Ren\xe9")
     broken = repo.commit(b"bad \xff\xfe bytes \xc3(\n\nbody \x80\n", {"b": "2"})
-    rows = {c.sha: c for c in read_commits(repo.path, ["main"])}
+    rows = {c.sha: c for c in read_commits(repo)}
     assert rows[latin].encoding == "ISO-8859-1"
     assert rows[latin].subject == "Café über Straße"
     assert rows[broken].encoding is None
@@ -100,7 +140,7 @@ def test_head_missing_from_a_shallow_clone_rereads_from_the_new_head(repo, tmp_p
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", "--depth", "5", "--branch", "main", f"file://{repo.path}", str(clone)],
                    check=True, capture_output=True)
-    assert git.is_shallow(clone) and not git.exists(clone, shas[3])
+    assert gitcli.is_shallow(clone) and not gitcli.exists(clone, shas[3])
     sync = sync_repo(clone, ["main"], {"main": shas[3]})  # our cursor lies outside the clone
     assert sync.moves["main"].kind == "cursor-missing"
     assert [c.sha for c in sync.commits] == shas[:-6:-1]  # the five in the clone
@@ -116,29 +156,29 @@ def test_max_new_bounds_a_first_sync(repo):
 
 def test_missing_and_refused_repos_raise_repo_unavailable(tmp_path, repo):
     with pytest.raises(RepoUnavailable, match="does not exist"):
-        git.resolve_refs(tmp_path / "nope", ["main"])
+        gitcli.resolve_refs(tmp_path / "nope", ["main"])
     (tmp_path / "plain").mkdir()
     with pytest.raises(RepoUnavailable, match="not a git repository"):
-        git.resolve_refs(tmp_path / "plain", ["main"])
+        gitcli.resolve_refs(tmp_path / "plain", ["main"])
     repo.linear(1)
     if os.geteuid() == 0:  # root is not stopped by modes, but git refuses a repo owned by someone else
         os.chown(repo.path, 12345, 12345)
         with pytest.raises(RepoUnavailable, match="dubious ownership"):
-            git.resolve_refs(repo.path, ["main"])
+            gitcli.resolve_refs(repo.path, ["main"])
     else:
         os.chmod(repo.path / ".git", 0)
         try:
             with pytest.raises(RepoUnavailable):
-                git.resolve_refs(repo.path, ["main"])
+                gitcli.resolve_refs(repo.path, ["main"])
         finally:
             os.chmod(repo.path / ".git", 0o755)
 
 
 def test_hostile_branch_and_path_names_are_data_not_arguments(repo):
     repo.commit("x\n", {"--help": "1", "a|b#c^[d].txt": "2"})
-    heads = git.resolve_refs(repo.path, ["main", "--all", "-h"])
+    heads = gitcli.resolve_refs(repo.path, ["main", "--all", "-h"])
     assert heads["--all"] is None and heads["-h"] is None and heads["main"]
-    (c,) = read_commits(repo.path, ["main"])
+    (c,) = read_commits(repo)
     assert sorted(f.path for f in c.files) == ["--help", "a|b#c^[d].txt"]
 
 
@@ -149,8 +189,8 @@ def test_streamed_parse_matches_the_whole_output_at_any_read_and_batch_size(repo
     repo.commit("Rename a hostile path\n", {"tab\there.txt": None, "moved\there|[x].txt": "same\n" * 5})
     repo.commit("Nothing changed\n")
     repo.commit("Caf\xe9\n".encode("latin-1"), {"logo.png": b"\x89PNG\0\1"}, encoding="ISO-8859-1")
-    out = git.git(repo.path, *git.log_args(["main"]))
-    whole = git.parse_log(out)
+    out = gitcli.git(repo.path, *git.log_args(["main"]))
+    whole = read_commits(repo)
     assert [c.subject for c in whole] == ["Café", "Nothing changed", "Rename a hostile path", "\x1e" + "a" * 40]
     assert [(f.path, f.old_path) for f in whole[2].files] == [("moved\there|[x].txt", "tab\there.txt")]
     assert sorted(f.path for f in whole[3].files) == ["new\nline.txt", "tab\there.txt"]
@@ -194,5 +234,8 @@ def test_a_sink_failing_stops_git_at_once(repo):
 
     with pytest.raises(OSError, match="No space left") as failed:
         sync_repo(repo.path, ["main"], {}, sink=full_disk, batch_size=10)
-    assert failed.traceback  # the traceback (and its frames) still alive here, as in a run's error report
+    # the traceback (and the generator frames in it) stays alive, as in a run's error report: git must be
+    # stopped by the sync itself, not by the frames being freed
+    alive = failed.value.__traceback__
     assert _git_children() == []
+    del alive

@@ -8,7 +8,7 @@ import os
 import yaml
 
 from idp_pipelines.notes import render as r
-from idp_pipelines.notes.render import BenchRun, CommitRow, Layout, RepoInfo, render_all
+from idp_pipelines.notes.render import BenchRun, CommitRow, Layout, RepoInfo, iter_notes
 from idp_pipelines.notes.vault import find_blocks, split_frontmatter, write_notes
 
 UTC = dt.timezone.utc
@@ -27,6 +27,11 @@ def run(run_id: str, hour: int, tok_s: float, day: int = 1) -> BenchRun:
                     status="ok", model="llama-3.1-8b", dagster_run_id=f"dag-{run_id}",
                     mlflow_url=f"http://127.0.0.1:5000/#/experiments/1/runs/{run_id}", mlflow_experiment="bench",
                     steps=steps)
+
+
+def render_all(commits, runs, repos, layout=Layout()):
+    """Every note, as the obsidian_notes asset renders them (one at a time) before writing."""
+    return list(iter_notes(commits, runs, repos, layout))
 
 
 def by_path(notes):

@@ -138,3 +138,19 @@ def test_obsidian_date_formats_and_daily_paths():
     assert v.daily_note_path(day) == "Dev Log/2024-05-01.md"
     assert v.daily_note_path(day, "Journal/Dev", "YYYY/MM/YYYY-MM-DD") == "Journal/Dev/2024/05/2024-05-01.md"
     assert v.daily_note_path(day, "../../etc", "[..]/YYYY") == "etc/2024.md"
+
+
+def test_a_generator_waiting_too_long_for_the_vault_fails_naming_the_lock_and_its_holder(tmp_path, monkeypatch):
+    from idp_pipelines.locks import file_lock
+
+    vault = tmp_path / "vault"
+    write_notes(vault, [note(["a1 first"])])
+    before = (vault / "Dev Log" / "2024-05-01.md").read_bytes()
+    monkeypatch.setattr(v, "LOCK_TIMEOUT_S", 0.3)
+    lock = vault / v.STATE_DIR / "lock"
+    with file_lock(lock, timeout_s=1, what="test", fix="-", holder="another obsidian_notes run"):
+        with pytest.raises(VaultError, match=f"for the notes generator's lock on the vault {lock}, held by "
+                                             f"another obsidian_notes run .*Fix: wait for the other run"):
+            write_notes(vault, [note(["a1 first", "b2 second"])])
+    assert (vault / "Dev Log" / "2024-05-01.md").read_bytes() == before  # nothing written meanwhile
+    assert write_notes(vault, [note(["a1 first", "b2 second"])]).updated == ["Dev Log/2024-05-01.md"]

@@ -1,4 +1,4 @@
-"""idp_pipelines.tracking against a real `mlflow server`: each benchmark run logged once, resumable, no secret."""
+"""idp_pipelines.tracking.sync against a real `mlflow server`: each benchmark run logged once, resumable, no secret."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, Redactor, TrackingError
+from idp_pipelines.assets.tracking import recommended_concurrency
 from idp_pipelines.embedded.processes import free_port
-from idp_pipelines.tracking.mlflow_log import REDACTED, step_metrics, tuned_step
+from idp_pipelines.secrets import REDACTED, Redactor
+from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, TrackingError
+from idp_pipelines.tracking.specs import TUNED_BY_SLO
 from tests.tracking.synthetic import SECRET, T0, insert_benchmark_run, insert_quantization
 
 
@@ -26,7 +28,8 @@ def _seed(warehouse, *, leak: bool = False) -> None:
 def _logger(client, warehouse, uri, prefix, findings: dict[str, Path] | None = None, **kw) -> MLflowLogger:
     findings = findings or {}
     return MLflowLogger(client, warehouse, uri, experiment_prefix=prefix, dagster_run_id="logger-run-1",
-                        findings_for=findings.get, redactor=kw.pop("redactor", None) or Redactor.from_env(), **kw)
+                        findings_for=findings.get, redactor=kw.pop("redactor", None) or Redactor.from_env(),
+                        recommend=kw.pop("recommend", recommended_concurrency), **kw)
 
 
 def _runs(client, prefix, name, view="ALL"):
@@ -80,6 +83,7 @@ def test_each_complete_run_logged_once_with_params_curves_and_artefacts(mlflow_s
         rows = [dict(zip(names, r)) for r in cur.fetchall()]
     recommended = recommend_concurrency(rows, {"ttft_ms": 2000.0, "tpot_ms": 100.0}).recommended
     assert recommended is not None and r1.data.metrics["tuned/concurrency"] == recommended
+    assert r1.data.tags["idp.tuned_by"] == TUNED_BY_SLO
     goodput = dict(_steps(warehouse, "r1", "goodput_requests_per_s"))
     assert r1.data.metrics["tuned/goodput_requests_per_s"] == pytest.approx(goodput[recommended])
 
@@ -234,35 +238,6 @@ def test_mlflow_down_names_the_uri_keeps_duckdb_and_the_next_sync_logs_each_run_
     assert _logger(client, warehouse, mlflow_server, prefix).sync().logged == []
     ids = [r.data.tags["idp.benchmark_run_id"] for r in _runs(client, prefix, "benchmarks/vllm-a")]
     assert sorted(ids) == ["r1", "r2"]
-
-
-# ---------------------------------------------------------------------------------------------- no server
-
-
-def test_keys_become_what_mlflow_accepts():
-    from idp_pipelines.tracking.mlflow_log import _key
-
-    assert _key("engine.max_num_seqs") == "engine.max_num_seqs"
-    assert _key("idp.lab_git_sha.idp-pipelines:main") == "idp.lab_git_sha.idp-pipelines:main"
-    assert _key("engine.rope{scaling}") == "engine.rope_scaling_"
-    assert _key("/a//b/../c/") == "a/b/_/c"
-
-
-def test_tuned_step_is_the_most_goodput_and_ties_go_to_fewer_sequences():
-    steps = [{"concurrency": 1, "goodput_requests_per_s": 2.0}, {"concurrency": 4, "goodput_requests_per_s": 6.0},
-             {"concurrency": 8, "goodput_requests_per_s": 6.0}, {"concurrency": 16, "goodput_requests_per_s": None}]
-    assert tuned_step(steps)["concurrency"] == 4
-    assert tuned_step([{"concurrency": 2, "output_tokens_per_s": 9.0}])["concurrency"] == 2
-    assert tuned_step([{"concurrency": 2}]) is None
-
-
-def test_step_metrics_take_columns_then_summary_then_server_numbers():
-    m = step_metrics({"run_id": "r", "step_index": 0, "concurrency": 4, "ttft_ms_p95": 120.0, "ttft_ms_p99": None,
-                      "summary": json.dumps({"ttft_ms_p95": 999.0, "ttft_ms_p90": 110.0, "slos": {"ttft_ms": 2000},
-                                             "ttft_ms_p95_sufficient": True, "errors_by_kind": {"auth": 2}}),
-                      "server_metrics": json.dumps({"kv_cache_usage": {"max": 0.5}})})
-    assert m == {"ttft_ms_p95": 120.0, "ttft_ms_p90": 110.0, "errors_by_kind.auth": 2.0,
-                 "server.kv_cache_usage.max": 0.5}
 
 
 def test_a_wiped_store_behind_the_same_uri_is_logged_again_but_a_run_deleted_by_hand_is_not(
