@@ -13,7 +13,7 @@ import time
 
 from idp_pipelines.bench.client import EndpointConfig, Workload
 from idp_pipelines.bench.load import fixed_concurrency, run_benchmark
-from idp_pipelines.bench.synthetic_server import SyntheticConfig, synthetic_server_subprocess
+from idp_pipelines.doubles.synthetic_server import SyntheticConfig, synthetic_server_subprocess
 
 
 def _step(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: int):

@@ -16,6 +16,7 @@ from idp_pipelines.bench.fast_transport import FastTransport
 from idp_pipelines.bench.records import RequestRecord
 
 __all__ = [
+    "cache_bust_prefix",
     "BenchError",
     "EndpointConfig",
     "Workload",
@@ -67,7 +68,9 @@ class Workload:
     max_tokens: int = 128
     ignore_eos: bool = False  # force exactly max_tokens where the engine supports it
     min_tokens: int | None = None  # vLLM only
-    cache_bust: bool = False  # unique prefix per request so no prefix-cache hits
+    # A prefix unique across the whole run leads every prompt, so no request can reuse another's
+    # cached prompt (a prefix shared by the run, or ids restarting per step, would be served from cache)
+    cache_bust: bool = False
     temperature: float = 0.0
 
 
@@ -99,6 +102,24 @@ def length_control_params(
     return params
 
 
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def cache_bust_prefix(n: int) -> str:
+    """A prefix unique for each n whose FIRST character differs for any 62 consecutive n.
+
+    A prompt cache matches on the common token prefix, so uniqueness has to lead: n written in
+    base 62 with the least significant digit first (a counter written the usual way shares its
+    leading digits with its neighbours, "1234" and "1235" share the token "123").
+    """
+    out = ""
+    while True:
+        n, d = divmod(n, len(_DIGITS))
+        out += _DIGITS[d]
+        if not n:
+            return out + ":"
+
+
 class _StreamFailed(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -120,6 +141,7 @@ class BenchClient:
         self.endpoint = endpoint
         self.workload = workload
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._sent = 0  # requests built over the client's life (= the run): the cache-bust counter
         self._length = length_control_params(
             endpoint.engine, workload.max_tokens, workload.ignore_eos, workload.min_tokens
         )
@@ -160,7 +182,8 @@ class BenchClient:
     def build_body(self, request_id: int) -> dict[str, Any]:
         prompt = self.workload.prompts[request_id % len(self.workload.prompts)]
         if self.workload.cache_bust:
-            prompt = f"[{self.run_id}-{request_id}] {prompt}"
+            prompt = f"{cache_bust_prefix(self._sent)} {prompt}"
+        self._sent += 1
         body: dict[str, Any] = {
             "model": self.endpoint.model,
             "stream": True,
@@ -244,6 +267,11 @@ class BenchClient:
         ) as resp:
             rec.t_headers = perf() - t0
             rec.http_status = resp.status_code
+            ext = resp.extensions
+            if ext.get("idp_attempt_started") is not None:
+                # the transport resent it on a fresh connection: time the attempt that was answered
+                rec.t_sent = ext["idp_attempt_started"] - t0
+                rec.retries = ext.get("idp_retries", 0)
             if resp.status_code != 200:
                 raw = b""
                 async for part in resp.aiter_raw():
@@ -340,8 +368,15 @@ class BenchClient:
                 running = state.timings_completion if running is None else running
             if timings.get("cache_n") is not None:
                 rec.cached_prompt_tokens = int(timings["cache_n"])
-            if rec.prompt_tokens is None and timings.get("prompt_n") is not None:
-                rec.prompt_tokens = int(timings["prompt_n"]) + int(timings.get("cache_n") or 0)
+            if timings.get("prompt_n") is not None:
+                rec.server_prompt_n = int(timings["prompt_n"])
+                if rec.prompt_tokens is None:
+                    rec.prompt_tokens = rec.server_prompt_n + int(timings.get("cache_n") or 0)
+            if timings.get("prompt_ms") is not None:
+                rec.server_prompt_ms = float(timings["prompt_ms"])
+            if timings.get("predicted_ms") is not None:
+                rec.server_predicted_ms = float(timings["predicted_ms"])
+                rec.server_predicted_n = state.timings_completion
         if obj.get("tokens_predicted") is not None:  # llama.cpp native /completion
             state.timings_completion = int(obj["tokens_predicted"])
         choices = obj.get("choices")

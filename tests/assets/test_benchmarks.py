@@ -14,7 +14,7 @@ import yaml
 from idp_pipelines.assets import benchmarks
 from idp_pipelines.assets.benchmarks import NO_REGRESSION, SANE, evaluate_benchmark_triggers
 from idp_pipelines.bench.suite import run_endpoint
-from idp_pipelines.bench.synthetic_server import SyntheticConfig, SyntheticServer
+from idp_pipelines.doubles.synthetic_server import SyntheticConfig, SyntheticServer
 from idp_pipelines.cli import main as idp
 from idp_pipelines.lab import load_lab
 from idp_pipelines.resources import LabResource, WarehouseResource

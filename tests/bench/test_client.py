@@ -8,6 +8,7 @@ import pytest
 
 from idp_pipelines.bench.client import BenchError, EndpointConfig, Workload, length_control_params
 from idp_pipelines.bench.load import fixed_concurrency, run_benchmark
+from idp_pipelines.bench.metrics import request_row
 from tests.bench.conftest import API_KEY, endpoint
 
 
@@ -99,7 +100,7 @@ def test_wrong_api_key_says_so_without_leaking_the_key(server):
     for r in step.records:
         assert r.error_kind == "auth" and r.http_status == 401
         assert "API key was rejected" in r.error
-        assert wrong not in r.error and wrong not in repr(r.to_row())
+        assert wrong not in r.error and wrong not in repr(request_row(r))
     ep = endpoint(server, key=wrong)
     assert wrong not in repr(ep) and API_KEY not in repr(endpoint(server))
 

@@ -13,7 +13,7 @@ from idp_pipelines.bench.load import (
     request_rate,
     run_benchmark,
 )
-from idp_pipelines.bench.synthetic_server import SyntheticConfig, synthetic_server_subprocess
+from idp_pipelines.doubles.synthetic_server import SyntheticConfig, synthetic_server_subprocess
 from tests.bench.conftest import endpoint
 
 
