@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import httpx
 
     from idp_pipelines.lab import Endpoint
+    from idp_pipelines.warehouse import Warehouse
 
 # Where each engine says it is ready. llama-cpp-python's server has no /health (the C++ server does),
 # so a 404 there falls back to the model list, which every OpenAI-compatible server has.
@@ -116,11 +117,25 @@ def probe_endpoint(ep: Endpoint, *, api_key: str | None = None, probes: int = 5,
     return result
 
 
-def probe_all(endpoints: list[Endpoint], api_keys: dict[str, str | None], *, probes: int = 5,
-              timeout_s: float = 5.0) -> list[ProbeResult]:
-    """Probe every endpoint concurrently (a dead host costs one timeout, not one per endpoint)."""
+def probe_all(endpoints: list[Endpoint], *, probes: int = 5, timeout_s: float = 5.0) -> list[ProbeResult]:
+    """Probe every endpoint concurrently (a dead host costs one timeout, not one per endpoint); each key
+    comes from `Endpoint.api_key()`."""
     if not endpoints:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
-        return list(pool.map(lambda ep: probe_endpoint(ep, api_key=api_keys.get(ep.name), probes=probes,
+        return list(pool.map(lambda ep: probe_endpoint(ep, api_key=ep.api_key(), probes=probes,
                                                        timeout_s=timeout_s), endpoints))
+
+
+def store_probes(warehouse: Warehouse, results: list[ProbeResult], dagster_run_id: str | None) -> list[dict]:
+    """Append the probes to ``endpoint_probes`` (its one writer); returns the rows written."""
+    from datetime import datetime, timezone
+
+    from idp_pipelines.warehouse import insert_rows
+
+    probed_at = datetime.now(timezone.utc)
+    rows = [r.row() for r in results]
+    with warehouse.write() as con:
+        insert_rows(con, "endpoint_probes", [{"probed_at": probed_at, "dagster_run_id": dagster_run_id, **row}
+                                             for row in rows])
+    return rows

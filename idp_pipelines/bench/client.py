@@ -117,7 +117,7 @@ def cache_bust_prefix(n: int) -> str:
         n, d = divmod(n, len(_DIGITS))
         out += _DIGITS[d]
         if not n:
-            return out + ":"
+            return out
 
 
 class _StreamFailed(Exception):
@@ -182,7 +182,8 @@ class BenchClient:
     def build_body(self, request_id: int) -> dict[str, Any]:
         prompt = self.workload.prompts[request_id % len(self.workload.prompts)]
         if self.workload.cache_bust:
-            prompt = f"{cache_bust_prefix(self._sent)} {prompt}"
+            # then the run id, so the next run's request n does not meet this one's in the cache
+            prompt = f"{cache_bust_prefix(self._sent)}{self.run_id[:8]}: {prompt}"
         self._sent += 1
         body: dict[str, Any] = {
             "model": self.endpoint.model,
