@@ -171,6 +171,8 @@ async def _closed_loop(
             done += 1
             if progress:
                 progress(step, done, n)
+            if rec.error_kind == "aborted":
+                break  # the step's limit: timers may fire a little before perf_counter reaches it
 
     await asyncio.gather(*(worker() for _ in range(min(spec.concurrency or 1, n))))
     return records

@@ -184,7 +184,7 @@ def bandwidth_for(lab: Lab, ep: Endpoint, model_file: Path | None = None) -> tup
     return mixed, f"{share:.0%} of {layers} layers at {where}.gpu, the rest at {where}.cpu bandwidth"
 
 
-def model_bytes_for(wh: Warehouse, lab: Lab, ep: Endpoint) -> tuple[int | None, str]:
+def model_bytes_for(con: Any, lab: Lab, ep: Endpoint) -> tuple[int | None, str]:
     """Bytes read per decoded token (the weights): the inventory's figure, the GGUF file's size, or the
     model's last quantization / download in the warehouse."""
     if ep.model_bytes:
@@ -197,21 +197,21 @@ def model_bytes_for(wh: Warehouse, lab: Lab, ep: Endpoint) -> tuple[int | None, 
         return None, f"no model_bytes, model_file or model for endpoint {ep.name}"
     model = lab.model(ep.model)
     quant = ep.settings.get("quantization") or model.serving_quantization
-    with wh.read() as con:
-        row = con.execute("SELECT output_bytes, output_path FROM quantizations WHERE model = ? AND quant_type = ? "
-                          "ORDER BY quantized_at DESC LIMIT 1", [model.name, str(quant)]).fetchone() if quant else None
-        if row:
-            return int(row[0]), f"quantization {quant} of {model.name} ({row[1]})"
-        row = con.execute("SELECT bytes FROM model_downloads WHERE model = ? ORDER BY downloaded_at DESC LIMIT 1",
-                          [model.name]).fetchone()
+    row = con.execute("SELECT output_bytes, output_path FROM quantizations WHERE model = ? AND quant_type = ? "
+                      "ORDER BY quantized_at DESC LIMIT 1", [model.name, str(quant)]).fetchone() if quant else None
+    if row:
+        return int(row[0]), f"quantization {quant} of {model.name} ({row[1]})"
+    row = con.execute("SELECT bytes FROM model_downloads WHERE model = ? ORDER BY downloaded_at DESC LIMIT 1",
+                      [model.name]).fetchone()
     if row:
         return int(row[0]), f"last download of {model.name} (hub_model)"
     return None, (f"model size unknown: set endpoints[{ep.name}].model_bytes or model_file in the inventory, "
                   f"or materialise hub_model[{model.name}]")
 
 
-def ceiling_for(wh: Warehouse, lab: Lab, ep: Endpoint) -> Ceiling:
-    nbytes, bytes_src = model_bytes_for(wh, lab, ep)
+def ceiling_for(con: Any, lab: Lab, ep: Endpoint) -> Ceiling:
+    """The roofline, reading the warehouse through ``con`` (a DuckDB connection) where the inventory is silent."""
+    nbytes, bytes_src = model_bytes_for(con, lab, ep)
     bw, bw_src = bandwidth_for(lab, ep, ep.model_file)
     if bw and nbytes:
         return Ceiling(decode_ceiling_tok_s(bw, nbytes), bw, nbytes,
@@ -220,16 +220,15 @@ def ceiling_for(wh: Warehouse, lab: Lab, ep: Endpoint) -> Ceiling:
     return Ceiling(None, bw, nbytes, "no ceiling: " + "; ".join(missing))
 
 
-def model_provenance(wh: Warehouse, lab: Lab, ep: Endpoint) -> dict[str, Any]:
+def model_provenance(con: Any, lab: Lab, ep: Endpoint) -> dict[str, Any]:
     if not ep.model:
         return {}
     model = lab.model(ep.model)
     out: dict[str, Any] = {"model_repo_id": model.repo_id, "model_revision": model.revision,
                            "quantization": ep.settings.get("quantization") or model.serving_quantization
                            or ("gguf" if model.format == "gguf" else None)}
-    with wh.read() as con:
-        row = con.execute("SELECT commit_sha FROM model_downloads WHERE model = ? "
-                          "ORDER BY downloaded_at DESC LIMIT 1", [model.name]).fetchone()
+    row = con.execute("SELECT commit_sha FROM model_downloads WHERE model = ? "
+                      "ORDER BY downloaded_at DESC LIMIT 1", [model.name]).fetchone()
     if row:
         out["model_commit_sha"] = row[0]
     return out
@@ -245,23 +244,6 @@ def engine_settings(ep: Endpoint) -> dict[str, Any]:
     if ep.n_gpu_layers is not None:
         out["n_gpu_layers"] = ep.n_gpu_layers
     return out
-
-
-async def _server_props(client: BenchClient, ep: Endpoint) -> dict[str, Any] | None:
-    """llama.cpp's /props: slots, context and build as the server itself reports them."""
-    if ep.kind != "llamacpp":
-        return None
-    try:
-        resp = await client.http.get(ep.base_url + "/props", timeout=10)
-        if resp.status_code != 200:
-            return None
-        props = resp.json()
-    except Exception:  # noqa: BLE001 - an older server without /props costs the record, not the run
-        return None
-    gen = props.get("default_generation_settings") or {}
-    return {"total_slots": props.get("total_slots"), "n_ctx": gen.get("n_ctx") or props.get("n_ctx"),
-            "model_path": props.get("model_path"), "build_info": props.get("build_info"),
-            "cache_prompt": (gen.get("params") or {}).get("cache_prompt")}
 
 
 async def _dcgm(client: BenchClient, url: str | None) -> dict[str, float]:
@@ -389,16 +371,15 @@ def _run_endpoint(lab: Lab, ep: Endpoint, wh: Warehouse, *, trigger: str, dagste
                                warmup_requests=cfg.warmup_requests if i == 0 else 0)
              for i, c in enumerate(concurrencies)]
     slos = {f"{k}_max": v for k, v in ep.slo.model_dump().items() if v is not None}
-    model_info = model_provenance(wh, lab, ep)
-    ceiling = ceiling_for(wh, lab, ep)
     # the client/network share of TTFT: llama.cpp reports no queue time, so the probe's round trip it is
-    probe = probe_endpoint(ep, api_key=endpoint_cfg.api_key, probes=5)
+    probe = probe_endpoint(ep, api_key=endpoint_cfg.api_key, probes=5, props=True)
     prov = provenance(lab)
     run_id = uuid.uuid4().hex
-    outcome = RunOutcome(run_id=run_id, endpoint=ep.name, status="running", decode_ceiling_tok_s=ceiling.tok_s,
-                         ceiling_source=ceiling.source, network_rtt_ms=probe.rtt_p50_ms)
     settings = engine_settings(ep)
+    # one connection for the lookups and the run row: each DuckDB open costs ~20 ms of start-up CPU
     with wh.write() as con:
+        model_info = model_provenance(con, lab, ep)
+        ceiling = ceiling_for(con, lab, ep)
         insert_rows(con, "benchmark_runs", [{
             "run_id": run_id, "endpoint": ep.name, "kind": ep.kind, "host": ep.host, "base_url": ep.base_url,
             "model": ep.model, "served_model_name": ep.served_model_name,
@@ -416,18 +397,16 @@ def _run_endpoint(lab: Lab, ep: Endpoint, wh: Warehouse, *, trigger: str, dagste
             "status": "running", "gpu_bandwidth_gb_s": ceiling.bandwidth_gb_s, "model_bytes": ceiling.model_bytes,
             "decode_ceiling_tok_s": ceiling.tok_s, "ceiling_source": ceiling.source,
             "network_rtt_ms": probe.rtt_p50_ms, "n_gpu_layers": _n_gpu_layers(ep),
+            "server_props": json.dumps(probe.server_props, sort_keys=True) if probe.server_props else None,
         }])
+    outcome = RunOutcome(run_id=run_id, endpoint=ep.name, status="running", decode_ceiling_tok_s=ceiling.tok_s,
+                         ceiling_source=ceiling.source, network_rtt_ms=probe.rtt_p50_ms)
     dcgm_url = lab.host(ep.host).dcgm_url
     # the server's own processes are the measurement when it runs here: only the rest is "load"
     meter = HostLoadMeter(exclude_pids=local_server_pids(ep.base_url))
 
     async def sweep() -> None:
         async with BenchClient(endpoint_cfg, workload, max(s.connections for s in steps), run_id=run_id) as client:
-            props = await _server_props(client, ep)
-            if props:
-                with wh.write() as con:
-                    con.execute("UPDATE benchmark_runs SET server_props = ? WHERE run_id = ?",
-                                [json.dumps(props, sort_keys=True), run_id])
             for index, spec in enumerate(steps):
                 log(f"{ep.name}: step {index + 1}/{len(steps)}: concurrency {spec.concurrency}, "
                     f"{spec.num_requests} requests")
