@@ -56,6 +56,10 @@ class SyntheticConfig:
     # "Keep-Alive: timeout=5, max=100": emulate it, with the close this many seconds after the response
     # (a proxy that closes late makes a client that trusts the header wait for the close).
     close_after_stream_s: float | None = None
+    # Put the server's own clock (perf_counter, the same CLOCK_MONOTONIC as the client's on Linux) in the
+    # first content chunk: "x_stamp": [request parsed, intended first token, first chunk written]. Lets
+    # `make bench` tell a late server from a late client when it takes the TTFT tail apart.
+    stamp: bool = False
 
 
 def _http_chunk(payload: bytes) -> bytes:
@@ -194,6 +198,7 @@ async def _stream(
     """Stream one response; False when the connection was dropped (not to be used again)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
+    received = time.perf_counter()
     number = state.request_count
     prompt_text = (
         " ".join(str(m.get("content", "")) for m in request.get("messages", []))
@@ -294,6 +299,9 @@ async def _stream(
                 event = head + text + mid + tail + b"}"
             else:
                 event = head + text + mid + b"null}]}"
+            if config.stamp and i == 0:
+                stamp = [received, received + config.ttft_s + (sent - 1) * config.itl_s, time.perf_counter()]
+                event = event[:-1] + b',"x_stamp":' + json.dumps(stamp).encode() + b"}"
             writer.write(_http_chunk(b"data: " + event + b"\n\n"))
             state.generation_tokens += k
             if writer.transport.get_write_buffer_size() > 65536:
