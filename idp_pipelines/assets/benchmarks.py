@@ -86,6 +86,7 @@ def build(inventory: Lab) -> dg.Definitions:
             metadata={
                 "run_id": out.run_id,
                 "trigger": trigger,
+                "status": out.status,  # "failed" when nothing answered (the SANE check says why)
                 "steps": dg.MetadataValue.md(md_table(rows, list(rows[0]) if rows else ["concurrency"])),
                 "ttft_ms_p50_c1": dg.MetadataValue.float(head.get("ttft_ms_p50") or float("nan")),
                 "output_tokens_per_s_max_c": dg.MetadataValue.float(head.get("output_tokens_per_s") or float("nan")),

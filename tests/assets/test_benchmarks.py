@@ -81,6 +81,9 @@ def test_rejected_api_key_becomes_error_rows_and_a_failed_sanity_check(tmp_path,
     assert result.success  # refused requests are findings, not a crash
     sane = _checks(result)[SANE]
     assert not sane.passed and "error rate 100%" in sane.description
+    assert "run failed: no request was answered: auth x8: HTTP 401" in sane.description
+    (mat,) = result.asset_materializations_for_node("benchmark_runs")
+    assert mat.metadata["status"].value == "failed"
     with Warehouse(tmp_path / "wh.duckdb").read() as con:
         kinds = con.execute("SELECT DISTINCT error_kind FROM benchmark_requests").fetchall()
         errors = [e for (e,) in con.execute("SELECT error FROM benchmark_requests").fetchall()]
