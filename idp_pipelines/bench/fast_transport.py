@@ -212,7 +212,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+            raise httpx.ConnectError(str(exc)) from None  # callers name the URL
         conn = _Conn(reader, writer, self._read_timeout)
         self._all.add(conn)
         return conn

@@ -353,8 +353,8 @@ def test_cli_against_a_down_endpoint_says_what_failed_and_exits_nonzero(tmp_path
     assert idp(["bench", EP, "--concurrency", "1,2", "--requests", "3", "--lab", str(lab_file)]) == 1
     out, err = capsys.readouterr()
     assert "(complete)" not in out and "(failed)" in out
-    assert f"3 failed request(s), most common: connection x3: cannot connect to {dead}/v1/completions" in err
-    assert "error: the run failed: no request was answered: connection x3" in err
+    assert (f"error: the run failed: no request was answered: connection x3: cannot connect to {dead}/v1/completions: "
+            "[Errno 111]") in err
     with Warehouse(tmp_path / "idp-home" / "warehouse.duckdb").read() as con:
         status, error, errors = con.execute("SELECT status, error, errors FROM benchmark_runs").fetchone()
         steps = con.execute("SELECT concurrency, n_ok FROM benchmark_steps").fetchall()
