@@ -20,7 +20,7 @@ def dagster_url() -> str:
 
 def findings_report(run_id: str) -> Path | None:
     """The hardware_findings report that first judged this run, once that asset has run."""
-    from idp_pipelines.assets.benchmarks import findings_path
+    from idp_pipelines.settings import findings_path
 
     path = findings_path(run_id)
     return path if path.is_file() else None
