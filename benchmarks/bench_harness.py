@@ -30,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from idp_pipelines.bench.client import BenchClient, EndpointConfig, Workload  # noqa: E402
+from idp_pipelines.bench.host_load import HostLoadMeter  # noqa: E402
 from idp_pipelines.bench.load import fixed_concurrency, run_step  # noqa: E402
 from idp_pipelines.doubles.synthetic_server import SyntheticConfig, synthetic_server_subprocess  # noqa: E402
 
@@ -54,7 +55,7 @@ class StampedClient(BenchClient):
 
 def _step(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: int):
     config = SyntheticConfig(ttft_s=ttft_s, itl_s=itl_s, stamp=True)
-    with synthetic_server_subprocess(config) as (_proc, url):
+    with synthetic_server_subprocess(config) as (proc, url):
         ep = EndpointConfig(url, "synthetic", api="chat", engine="synthetic")
         spec = fixed_concurrency(concurrency, concurrency * rounds, warmup_requests=concurrency,
                                  max_duration_s=120)
@@ -62,7 +63,7 @@ def _step(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: in
         async def go():
             async with StampedClient(ep, Workload(max_tokens=tokens, ignore_eos=True), concurrency) as client:
                 client.stamps = {}
-                step = await run_step(client, spec)
+                step = await run_step(client, spec, host_meter=HostLoadMeter(exclude_pids=[proc.pid]))
                 return step, client.stamps
 
         try:
@@ -180,7 +181,7 @@ def main() -> int:
     results.append(_goal("throughput vs ideal", f"{s['output_tokens_per_s']:.0f}/{ideal:.0f} tok/s ({frac:.1%})",
                          ">= 99 %", frac >= 0.99))
     print(f"  errors {s['n_errors']}/{s['n_requests']}, TPOT p50 {s['tpot_ms_p50']:.3f} ms, "
-          f"resends {s['retries']}")
+          f"resends {s['retries']}; during the step {step.host_load.describe()}")
     _tail_apart(step, stamps, 0.050)
     tokens_a = s["output_tokens"]
     cpu_us = step.client_cpu_s / tokens_a * 1e6 if tokens_a else float("nan")
@@ -195,7 +196,7 @@ def main() -> int:
                          f"{sb['output_tokens_per_s']:.0f}/{ideal_b:.0f} tok/s ({frac_b:.1%})",
                          ">= 99 %", frac_b >= 0.99))
     print(f"  TTFT p50 {sb['ttft_ms_p50']:.2f} ms, p95 {sb['ttft_ms_p95'] or float('nan'):.2f} ms vs 20 ms truth, "
-          f"errors {sb['n_errors']}")
+          f"errors {sb['n_errors']}; during the step {step_b.host_load.describe()}")
     _tail_apart(step_b, stamps_b, 0.020)
 
     print("(c) CPU per streamed token in scenario (a), client and server in separate processes")
