@@ -124,6 +124,18 @@ def cache_bust_prefix(n: int) -> str:
             return out
 
 
+def _env_proxied(url: str) -> bool:
+    """Whether HTTP(S)_PROXY / ALL_PROXY (and NO_PROXY) send this URL through a proxy."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(url)
+    proxies = getproxies()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return False
+    return not proxy_bypass(parts.netloc)
+
+
 class _StreamFailed(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -159,7 +171,9 @@ class BenchClient:
         transport = None
         if endpoint.transport == "fast":
             transport = FastTransport(n, endpoint.connect_timeout_s, endpoint.read_timeout_s)
-        self._fast = transport
+        # the direct path only where AsyncClient itself would use our transport: a URL the environment
+        # routes through a proxy goes through AsyncClient's proxy mount, as before
+        self._fast = None if transport is None or _env_proxied(endpoint.url) else transport
         # what AsyncClient would add to each request, once (the fast path builds the request itself)
         self._fast_headers = {"User-Agent": f"python-httpx/{httpx.__version__}", **headers}
         self._client = httpx.AsyncClient(
