@@ -87,7 +87,8 @@ class HostLoadMeter:
         import psutil
 
         t = psutil.cpu_times()
-        return sum(t) - t.idle - getattr(t, "iowait", 0.0) - getattr(t, "guest", 0.0) - getattr(t, "guest_nice", 0.0)
+        # guest time is already in user/nice; steal is another VM's, not a process of this host
+        return sum(t) - t.idle - sum(getattr(t, f, 0.0) for f in ("iowait", "guest", "guest_nice", "steal"))
 
     def start(self) -> None:
         import time
