@@ -93,11 +93,16 @@ def _bench(args: argparse.Namespace) -> int:
     if out.status != "complete":  # its error names the most common failures, with a count and a message each
         print(f"error: the run failed: {out.error}", file=sys.stderr)
         return 1
-    if out.errors:
-        from idp_pipelines.bench.checks import describe_errors
+    from idp_pipelines.bench.checks import describe_errors, sanity
 
+    if out.errors:
         total = sum(count for count, _ in out.errors.values())
         print(f"{total} request(s) failed, most common: {describe_errors(out.errors)}")
+    # what the asset's sanity check would say: prompt-cache hits, host load, lengths, roofline
+    judged = sanity(out.steps, cache_bust=lab.benchmarks.cache_bust,
+                    max_other_load_cores=lab.benchmarks.max_other_load_cores)
+    if not judged.passed:
+        print(f"warning: {judged.description}", file=sys.stderr)
     return 0
 
 

@@ -385,3 +385,21 @@ def test_a_step_measured_under_load_is_flagged(tmp_path):
         load, top = con.execute("SELECT host_other_cpu_cores, host_other_top FROM benchmark_steps").fetchone()
     # a spinning process gets at least a share of a core even on a busy machine; the harness is not counted
     assert load > 0.2 and os.getpid() not in [t["pid"] for t in json.loads(top)]
+
+
+def test_cli_warns_about_a_step_measured_under_load(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    with SyntheticServer(SyntheticConfig(ttft_s=0.05, itl_s=0.01)) as server:
+        lab_file = _lab(tmp_path, server.url, bench={"max_other_load_cores": 0.1}, kind="vllm")
+        busy = subprocess.Popen([sys.executable, "-c", BUSY])
+        try:
+            assert idp(["bench", EP, "--concurrency", "1", "--requests", "20", "--lab", str(lab_file)]) == 0
+        finally:
+            busy.kill()
+            busy.wait()
+    out, err = capsys.readouterr()
+    assert "(complete)" in out
+    assert "warning: c=1: measured under load: other processes used" in err
+    assert "(limit benchmarks.max_other_load_cores = 0.1)" in err
