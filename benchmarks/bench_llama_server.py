@@ -103,22 +103,22 @@ def main() -> int:
                   "server's own timings")
             ok = [r for r in c1.records if r.ok and r.server_predicted_ms and tpot_s(r)]
             harness = [1 / tpot_s(r) for r in ok]
-            # llama.cpp times predicted_ms from the first sampled token to the last: n - 1 decode steps (its
-            # predicted_per_second divides n by it, 1/(n-1) high); the harness's 1/TPOT is the same interval
+            # llama.cpp times predicted_ms from the first sampled token to the last (n - 1 decode steps) and
+            # reports predicted_per_second = (n - 1) / predicted_ms: the same interval as the harness's 1/TPOT
             server = [(r.server_predicted_n - 1) / r.server_predicted_ms * 1000 for r in ok]
             errs = [h / s - 1 for h, s in zip(harness, server)]
             med = statistics.median(errs) if errs else float("nan")
-            results.append(_goal("harness 1/TPOT vs server (n-1)/predicted_ms",
+            results.append(_goal("harness 1/TPOT vs timings.predicted_per_second",
                                  f"{statistics.fmean(harness):.1f} vs {statistics.fmean(server):.1f} tok/s",
                                  "within 1 % (median)", bool(errs) and abs(med) <= 0.01))
-            print(f"    per request: median {med:+.2%}, worst {max(errs, key=abs):+.2%} ({len(errs)} requests); "
-                  f"server's predicted_per_second (n/predicted_ms) {statistics.fmean(r.server_predicted_n / r.server_predicted_ms * 1000 for r in ok):.1f}")
+            print(f"    per request: median {med:+.2%}, worst {max(errs, key=abs):+.2%} ({len(errs)} requests)")
             sm = c1.server_metrics
             if sm is not None and sm.error is None:
                 toks, secs = sm.total("llamacpp:tokens_predicted_total"), sm.total("llamacpp:tokens_predicted_seconds_total")
+                mine = sum(r.server_predicted_n for r in ok) / sum(r.server_predicted_ms for r in ok) * 1000
                 if toks and secs:
-                    print(f"    /metrics over the step: {toks / secs:.1f} tok/s (tokens_predicted_total / "
-                          "tokens_predicted_seconds_total)")
+                    print(f"    /metrics over the step: {toks / secs:.1f} tok/s ({toks:.0f} tokens / {secs:.3f} s; the "
+                          f"same sums from the responses' timings: {mine:.1f} tok/s)")
 
             print("(b) prompt cache with cache_bust on (every prompt unique from its first token)")
             fixed = _fixed_prefixes(base, ep, wl)
@@ -126,7 +126,8 @@ def main() -> int:
             for step, beyond in zip((c1, c4), shares):
                 s = step.summary()
                 results.append(_goal(f"c={step.load.concurrency}: cache hits beyond the fixed prefix",
-                                     f"{beyond:.3f} (raw hit rate {s['prefix_cache_hit_rate']:.3f})"
+                                     f"{beyond:.3f} (raw {s['prefix_cache_hit_rate']:.3f}, /metrics "
+                                     f"{s['server_prefix_cache_hit_rate']:.3f})"
                                      if beyond is not None else "not reported",
                                      f"0 ({min(fixed.values())}-{max(fixed.values())} fixed tokens)", beyond == 0))
             print("(c) connections and scrapes against a server that closes after each streamed response")
