@@ -36,6 +36,8 @@ def test_cache_bust_keeps_every_step_out_of_the_prompt_cache(llama_base_url):
         # and only what all prompts share (BOS, the leading space) is ever reused
         assert all(r.cached_prompt_tokens is not None and r.cached_prompt_tokens <= 3 for r in step.records)
         assert s["prefix_cache_hit_rate"] < 0.2
+        # the same figure from its /metrics (prompt_tokens_cached_total over all prompt tokens)
+        assert s["server_prefix_cache_hit_rate"] == pytest.approx(s["prefix_cache_hit_rate"])
     steps = [dict(st.summary(), concurrency=st.load.concurrency) for st in busted]
     assert checks.sanity(steps, cache_bust=True, max_other_load_cores=64).passed
     # the same prompts without the unique prefix: the second step is served from the cache, and the
@@ -43,6 +45,7 @@ def test_cache_bust_keeps_every_step_out_of_the_prompt_cache(llama_base_url):
     shared = _steps(llama_base_url, cache_bust=False)
     s = shared[1].summary()
     assert s["served_from_cache"] >= 4 and s["prefix_cache_hit_rate"] > 0.4  # 4 slots: at least the 2nd wave
+    assert s["server_prefix_cache_hit_rate"] == pytest.approx(s["prefix_cache_hit_rate"])
     judged = checks.sanity([dict(s, concurrency=4)], cache_bust=True, max_other_load_cores=64)
     assert not judged.passed and "prompts were served from the server's prompt cache" in judged.description
 
