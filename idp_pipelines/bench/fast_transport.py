@@ -229,7 +229,25 @@ class FastTransport(httpx.AsyncBaseTransport):
         head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path)]
         head += [b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw]
         head.append(b"\r\n")
-        payload = b"".join(head) + body
+        return await self.send_bytes(key, b"".join(head) + body)
+
+    @staticmethod
+    def request_head(method: str, url: str, headers: dict[str, str]) -> tuple[tuple, bytes]:
+        """(origin key, request head without Content-Length and the blank line) for ``send_bytes``:
+        built once per client, so each request costs a bytes concatenation instead of an httpx.Request
+        (URL parsing and header normalisation, 20-60 us a request)."""
+        u = httpx.URL(url)
+        key = (u.scheme, u.host, u.port or (443 if u.scheme == "https" else 80))
+        host = f"[{u.host}]" if ":" in u.host else u.host  # an IPv6 literal keeps its brackets
+        host = host if u.port is None else f"{host}:{u.port}"
+        lines = [b"%s %s HTTP/1.1\r\n" % (method.encode(), u.raw_path), b"Host: %s\r\n" % host.encode()]
+        lines += [b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items()]
+        return key, b"".join(lines)
+
+    async def send_bytes(self, key: tuple, payload: bytes) -> httpx.Response:
+        """Send a complete HTTP/1.1 request (head and body) to the origin ``key``; the streaming response."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self._max)
         await self._sem.acquire()
         try:
             retries = 0
