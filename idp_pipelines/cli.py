@@ -28,8 +28,6 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from idp_pipelines import settings
     from idp_pipelines.bench.client import BenchError
     from idp_pipelines.bench.suite import run_endpoint
@@ -47,11 +45,13 @@ def _bench(args: argparse.Namespace) -> int:
     except (LabError, ValueError) as exc:
         print(exc if isinstance(exc, LabError) else f"--concurrency: {exc}", file=sys.stderr)
         return 2
-    bars: dict[str, tqdm] = {}
+    bars: dict = {}
 
     def progress(step: str, done: int, total: int) -> None:
         bar = bars.get(step)
         if bar is None:
+            from tqdm import tqdm  # only once a request is done: start-up stays light
+
             bar = bars[step] = tqdm(total=total, desc=f"{args.endpoint} {step}", unit="req", leave=True)
         bar.n = done
         bar.refresh()
@@ -69,12 +69,40 @@ def _bench(args: argparse.Namespace) -> int:
         print("interrupted: the steps already measured are in the warehouse", file=sys.stderr)
         return 130
     cols = ["concurrency", "n_ok", "n_requests", "ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50", "e2e_ms_p95",
-            "output_tokens_per_s", "error_rate"]
+            "output_tokens_per_s", "roofline_fraction", "error_rate"]
     widths = [max(len(c), 10) for c in cols]
     print("  ".join(c.rjust(w) for c, w in zip(cols, widths)))
     for row in out.steps:
         print("  ".join(md_cell(row.get(c)).rjust(w) for c, w in zip(cols, widths)))
+    if out.decode_ceiling_tok_s:
+        print(f"roofline: ceiling {out.decode_ceiling_tok_s:,.1f} tok/s per request = {out.ceiling_source}; "
+              "roofline_fraction is the measured per-request decode rate over it")
+    else:
+        print(f"roofline: {out.ceiling_source}")
+    for row in out.steps:
+        if row.get("ttft_server_prompt_ms") is not None:
+            net = row.get("ttft_network_ms")
+            print(f"TTFT p50 c={row['concurrency']}: {md_cell(row['ttft_ms_p50'])} ms = server prompt "
+                  f"{md_cell(row['ttft_server_prompt_ms'])} + server queue/slot {md_cell(row['ttft_server_queue_ms'])}"
+                  f" + client/network {md_cell(net)} ms (network: the probe's round trip; the server reports "
+                  "no queue time, so that share is what remains)")
+        if row.get("retries"):
+            print(f"c={row['concurrency']}: {row['retries']} request(s) resent on a fresh connection after the "
+                  "server had closed the pooled one (timed from the answered attempt; not errors)")
     print(f"run {out.run_id} ({out.status}) stored in {settings.warehouse_path()}")
+    if out.status != "complete":  # its error names the most common failures, with a count and a message each
+        print(f"error: the run failed: {out.error}", file=sys.stderr)
+        return 1
+    from idp_pipelines.bench.checks import describe_errors, sanity
+
+    if out.errors:
+        total = sum(count for count, _ in out.errors.values())
+        print(f"{total} request(s) failed, most common: {describe_errors(out.errors)}")
+    # what the asset's sanity check would say: prompt-cache hits, host load, lengths, roofline
+    judged = sanity(out.steps, cache_bust=lab.benchmarks.cache_bust,
+                    max_other_load_cores=lab.benchmarks.max_other_load_cores)
+    if not judged.passed:
+        print(f"warning: {judged.description}", file=sys.stderr)
     return 0
 
 

@@ -21,7 +21,7 @@ def resources() -> dict[str, dg.ConfigurableResource]:
 def build_defs(lab: Lab) -> dg.Definitions:
     """The whole code location for one inventory (partitions are the inventory's models and endpoints)."""
     return dg.Definitions.merge(
-        endpoints.defs(),
+        endpoints.build(lab),
         models.build(lab),
         benchmarks.build(lab),
         knowledge.build(lab),

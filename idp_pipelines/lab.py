@@ -107,6 +107,13 @@ class Endpoint(_Strict):
     settings: dict[str, int | float | str | bool] = Field(default_factory=dict)
     slo: Slo = Field(default_factory=Slo)
     concurrency: list[int] | None = None  # the sweep for this endpoint (default: benchmarks.concurrency)
+    # The roofline's bytes per decoded token: the weights the server reads for each token. Given here, or
+    # read from model_file (the GGUF the server loads), or from the model's last download/quantization.
+    model_bytes: int | None = Field(default=None, gt=0)
+    model_file: LabPath | None = None
+    # llama.cpp's --n-gpu-layers: 0 = CPU only (the CPU's memory bandwidth bounds decode), -1 = all on the
+    # GPU. On a host with a GPU it must be given: the ceiling follows it and is never guessed.
+    n_gpu_layers: int | None = Field(default=None, ge=-1)
 
     @field_validator("base_url")
     @classmethod
@@ -206,6 +213,9 @@ class Benchmarks(_Strict):
     baseline_runs: int = Field(default=7, ge=1)
     debounce_s: int = Field(default=300, ge=0)
     rpc_probes: int = Field(default=400, ge=10)
+    # A step during which other processes on the measuring host used more CPU than this (mean cores)
+    # is flagged by the sanity check: its tail latencies are partly the host's, not the server's.
+    max_other_load_cores: float = Field(default=0.5, gt=0)
 
 
 class Schedules(_Strict):

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import httpx
 
     from idp_pipelines.lab import Endpoint
+    from idp_pipelines.warehouse import Warehouse
 
 # Where each engine says it is ready. llama-cpp-python's server has no /health (the C++ server does),
 # so a 404 there falls back to the model list, which every OpenAI-compatible server has.
@@ -35,6 +36,8 @@ class ProbeResult:
     served_models: list[str] = field(default_factory=list)
     model_served: bool | None = None
     rtt_ms: list[float] = field(default_factory=list)
+    # llama.cpp's /props as the server reports them (slots, context, build); not an endpoint_probes column
+    server_props: dict | None = None
 
     @property
     def rtt_min_ms(self) -> float | None:
@@ -51,6 +54,7 @@ class ProbeResult:
     def row(self) -> dict:
         d = asdict(self)
         d.pop("rtt_ms")
+        d.pop("server_props")
         return {**d, "probes": len(self.rtt_ms), "rtt_min_ms": self.rtt_min_ms,
                 "rtt_p50_ms": self.rtt_p50_ms, "rtt_max_ms": self.rtt_max_ms}
 
@@ -75,9 +79,25 @@ def _served_models(client: httpx.Client, ep: Endpoint) -> list[str]:
     return [m.get("id", "") for m in r.json().get("data", [])]
 
 
+def _llamacpp_props(client: httpx.Client) -> dict | None:
+    """What llama.cpp's server says it runs with: slots, context, model file, build."""
+    try:
+        r = client.get("/props")
+        if r.status_code != 200:
+            return None
+        props = r.json()
+    except Exception:  # noqa: BLE001 - an older server without /props costs the record, nothing else
+        return None
+    gen = props.get("default_generation_settings") or {}
+    return {"total_slots": props.get("total_slots"), "n_ctx": gen.get("n_ctx") or props.get("n_ctx"),
+            "model_path": props.get("model_path"), "build_info": props.get("build_info"),
+            "cache_prompt": (gen.get("params") or {}).get("cache_prompt")}
+
+
 def probe_endpoint(ep: Endpoint, *, api_key: str | None = None, probes: int = 5,
-                   timeout_s: float = 5.0) -> ProbeResult:
-    """Health, served models and `probes` round trips of the health request (after one warm-up)."""
+                   timeout_s: float = 5.0, props: bool = False) -> ProbeResult:
+    """Health, served models and `probes` round trips of the health request (after one warm-up); with
+    ``props``, llama.cpp's own account of its settings too."""
     import httpx
 
     expected = ep.served_model_name or ep.model
@@ -85,7 +105,9 @@ def probe_endpoint(ep: Endpoint, *, api_key: str | None = None, probes: int = 5,
                          required=ep.required, up=False, status_code=None, error=None, expected_model=expected)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     health = HEALTH_PATHS[ep.kind]
-    with httpx.Client(base_url=ep.base_url, headers=headers, timeout=timeout_s) as client:
+    # a plain-http endpoint needs no CA bundle: loading one costs ~20 ms of start-up CPU for nothing
+    verify = not ep.base_url.startswith("http://")
+    with httpx.Client(base_url=ep.base_url, headers=headers, timeout=timeout_s, verify=verify) as client:
         try:
             r = client.get(health)
             if r.status_code == 404 and health != "/v1/models":
@@ -108,6 +130,8 @@ def probe_endpoint(ep: Endpoint, *, api_key: str | None = None, probes: int = 5,
             result.error = _describe(exc, ep.base_url + health)
             result.up = False
             return result
+        if props and ep.kind == "llamacpp":
+            result.server_props = _llamacpp_props(client)
         try:
             result.served_models = _served_models(client, ep)
             result.model_served = expected in result.served_models if expected else None
@@ -116,11 +140,25 @@ def probe_endpoint(ep: Endpoint, *, api_key: str | None = None, probes: int = 5,
     return result
 
 
-def probe_all(endpoints: list[Endpoint], api_keys: dict[str, str | None], *, probes: int = 5,
-              timeout_s: float = 5.0) -> list[ProbeResult]:
-    """Probe every endpoint concurrently (a dead host costs one timeout, not one per endpoint)."""
+def probe_all(endpoints: list[Endpoint], *, probes: int = 5, timeout_s: float = 5.0) -> list[ProbeResult]:
+    """Probe every endpoint concurrently (a dead host costs one timeout, not one per endpoint); each key
+    comes from `Endpoint.api_key()`."""
     if not endpoints:
         return []
     with ThreadPoolExecutor(max_workers=min(8, len(endpoints))) as pool:
-        return list(pool.map(lambda ep: probe_endpoint(ep, api_key=api_keys.get(ep.name), probes=probes,
+        return list(pool.map(lambda ep: probe_endpoint(ep, api_key=ep.api_key(), probes=probes,
                                                        timeout_s=timeout_s), endpoints))
+
+
+def store_probes(warehouse: Warehouse, results: list[ProbeResult], dagster_run_id: str | None) -> list[dict]:
+    """Append the probes to ``endpoint_probes`` (its one writer); returns the rows written."""
+    from datetime import datetime, timezone
+
+    from idp_pipelines.warehouse import insert_rows
+
+    probed_at = datetime.now(timezone.utc)
+    rows = [r.row() for r in results]
+    with warehouse.write() as con:
+        insert_rows(con, "endpoint_probes", [{"probed_at": probed_at, "dagster_run_id": dagster_run_id, **row}
+                                             for row in rows])
+    return rows

@@ -357,6 +357,32 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        30,
+        "benchmarks: server timings, connection resends, cache hits, host load, roofline sources",
+        """
+        ALTER TABLE benchmark_requests ADD COLUMN retries INTEGER;
+        ALTER TABLE benchmark_requests ADD COLUMN server_prompt_ms DOUBLE;
+        ALTER TABLE benchmark_requests ADD COLUMN server_prompt_n INTEGER;
+        ALTER TABLE benchmark_requests ADD COLUMN server_predicted_ms DOUBLE;
+        ALTER TABLE benchmark_requests ADD COLUMN server_predicted_n INTEGER;
+        ALTER TABLE benchmark_steps ADD COLUMN retries INTEGER;
+        ALTER TABLE benchmark_steps ADD COLUMN served_from_cache INTEGER;
+        ALTER TABLE benchmark_steps ADD COLUMN cache_fixed_prefix_tokens INTEGER;
+        ALTER TABLE benchmark_steps ADD COLUMN server_decode_tok_s DOUBLE;
+        ALTER TABLE benchmark_steps ADD COLUMN ttft_server_prompt_ms DOUBLE;
+        ALTER TABLE benchmark_steps ADD COLUMN ttft_server_queue_ms DOUBLE;
+        ALTER TABLE benchmark_steps ADD COLUMN ttft_network_ms DOUBLE;
+        ALTER TABLE benchmark_steps ADD COLUMN host_other_cpu_cores DOUBLE;
+        ALTER TABLE benchmark_steps ADD COLUMN host_other_top JSON;
+        ALTER TABLE benchmark_steps ADD COLUMN errors JSON;
+        ALTER TABLE benchmark_runs ADD COLUMN server_props JSON;
+        ALTER TABLE benchmark_runs ADD COLUMN network_rtt_ms DOUBLE;
+        ALTER TABLE benchmark_runs ADD COLUMN n_gpu_layers INTEGER;
+        ALTER TABLE benchmark_runs ADD COLUMN ceiling_source VARCHAR;
+        ALTER TABLE benchmark_runs ADD COLUMN errors JSON;
+        """,
+    ),
 ]
 
 

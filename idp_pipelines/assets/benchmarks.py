@@ -4,15 +4,15 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 import dagster as dg
 
+from idp_pipelines import settings
 from idp_pipelines.assets.common import FOLLOW_UPDATES, Throttle
+from idp_pipelines.files import atomic_write
 from idp_pipelines.lab import Lab
 from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import LabResource, WarehouseResource
-from idp_pipelines.settings import idp_home
 
 NO_REGRESSION = "no_regression_against_baseline"
 SANE = "sane_results"
@@ -25,27 +25,20 @@ def _step_progress(log) -> Callable[[str, int, int], None]:
     return lambda step, done, total: throttle(f"step {step}: {done}/{total} requests", final=done == total)
 
 
-def findings_path(run_id: str):
-    """Where the findings report that first judged a benchmark run is kept (MLflow attaches it)."""
-    return idp_home() / "reports" / "findings" / f"{run_id}.md"
-
-
-def _write_atomic(path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
 def _fmt(v, unit: str = "") -> str:
     return "n/a" if v is None else f"{v:,.1f}{unit}"
 
 
-def build(lab: Lab) -> dg.Definitions:
-    benchmarked = [e for e in lab.endpoints if e.openai_compatible]  # Triton's own API is KServe v2
+def _check(name: str, judgement) -> dg.AssetCheckResult:
+    return dg.AssetCheckResult(check_name=name, passed=judgement.passed, description=judgement.description,
+                               metadata=judgement.metadata)
+
+
+def build(inventory: Lab) -> dg.Definitions:
+    benchmarked = [e for e in inventory.endpoints if e.openai_compatible]  # Triton's own API is KServe v2
     endpoint_names = [e.name for e in benchmarked]
     endpoint_partitions = dg.StaticPartitionsDefinition(endpoint_names)
-    hosts = list(dict.fromkeys(e.host for e in lab.endpoints))
+    hosts = list(dict.fromkeys(e.host for e in inventory.endpoints))
     host_partitions = dg.StaticPartitionsDefinition(hosts)
     served = {}
     for e in benchmarked:
@@ -67,11 +60,13 @@ def build(lab: Lab) -> dg.Definitions:
             dg.AssetCheckSpec(NO_REGRESSION, asset="benchmark_runs",
                               description="Throughput and TTFT within tolerance of the median of recent nightly runs."),
             dg.AssetCheckSpec(SANE, asset="benchmark_runs",
-                              description="Error rate, honoured output length and the memory-bandwidth roofline."),
+                              description="Error rate, honoured output length, the memory-bandwidth roofline, prompt-cache "
+                                          "hits with cache_bust on, and the host's load from other processes."),
         ],
     )
     def benchmark_runs(context: dg.AssetExecutionContext, lab: LabResource,
                        warehouse: WarehouseResource) -> dg.MaterializeResult:
+        from idp_pipelines.bench import checks
         from idp_pipelines.bench.suite import baseline, run_endpoint
 
         inv = lab.load()
@@ -81,49 +76,25 @@ def build(lab: Lab) -> dg.Definitions:
                            progress=_step_progress(context.log), log=context.log.info)
         head = out.headline()
         cfg = inv.benchmarks
-        base = baseline(wh, out.endpoint, out.run_id, cfg.baseline_runs)
-        tol = cfg.regression_tolerance
-        problems = []
-        if base["runs"] >= 3:
-            if base["output_tokens_per_s"] and head["output_tokens_per_s"] is not None and \
-                    head["output_tokens_per_s"] < (1 - tol) * base["output_tokens_per_s"]:
-                problems.append(f"throughput {head['output_tokens_per_s']:.1f} tok/s is below the baseline "
-                                f"{base['output_tokens_per_s']:.1f} by more than {tol:.0%}")
-            ttft = head["ttft_ms_p95"] if head["ttft_ms_p95"] is not None else head["ttft_ms_p50"]
-            if base["ttft_ms"] and ttft is not None and ttft > (1 + tol) * base["ttft_ms"]:
-                problems.append(f"TTFT {ttft:.1f} ms is above the baseline {base['ttft_ms']:.1f} ms by more than {tol:.0%}")
-            regression = dg.AssetCheckResult(
-                check_name=NO_REGRESSION, passed=not problems,
-                description="; ".join(problems) or f"within {tol:.0%} of the median of {base['runs']} nightly runs",
-                metadata={"baseline_runs": base["runs"], "baseline_output_tokens_per_s": base["output_tokens_per_s"],
-                          "baseline_ttft_ms": base["ttft_ms"]})
-        else:
-            regression = dg.AssetCheckResult(
-                check_name=NO_REGRESSION, passed=True,
-                description=f"not enough baseline yet: {base['runs']} earlier nightly run(s), 3 needed")
-        insane = []
-        for s in out.steps:
-            if (s.get("error_rate") or 0) > 0.05:
-                insane.append(f"c={s['concurrency']}: error rate {s['error_rate']:.0%}")
-            honoured = s.get("length_honoured_fraction")
-            if honoured is not None and honoured < 0.9:
-                insane.append(f"c={s['concurrency']}: only {honoured:.0%} of requests produced max_tokens")
-            if s.get("suspect"):
-                insane.append(f"c={s['concurrency']}: {s['suspect']}")
+        regression = checks.regression(head, baseline(wh, out.endpoint, out.run_id, cfg.baseline_runs),
+                                       cfg.regression_tolerance)
+        sane = checks.sanity(out.steps, cache_bust=cfg.cache_bust, max_other_load_cores=cfg.max_other_load_cores,
+                             run_error=out.error)
         rows = [{k: s.get(k) for k in ("concurrency", "n_ok", "n_requests", "ttft_ms_p50", "ttft_ms_p95", "tpot_ms_p50",
                                         "output_tokens_per_s", "goodput_fraction", "error_rate")} for s in out.steps]
         return dg.MaterializeResult(
             metadata={
                 "run_id": out.run_id,
                 "trigger": trigger,
+                "status": out.status,  # "failed" when nothing answered (the SANE check says why)
                 "steps": dg.MetadataValue.md(md_table(rows, list(rows[0]) if rows else ["concurrency"])),
                 "ttft_ms_p50_c1": dg.MetadataValue.float(head.get("ttft_ms_p50") or float("nan")),
                 "output_tokens_per_s_max_c": dg.MetadataValue.float(head.get("output_tokens_per_s") or float("nan")),
                 "decode_ceiling_tok_s": dg.MetadataValue.float(out.decode_ceiling_tok_s or float("nan")),
+                "ceiling_source": out.ceiling_source,
             },
             data_version=dg.DataVersion(out.run_id),
-            check_results=[regression, dg.AssetCheckResult(
-                check_name=SANE, passed=not insane, description="; ".join(insane) or "errors, lengths and roofline sane")],
+            check_results=[_check(NO_REGRESSION, regression), _check(SANE, sane)],
         )
 
     @dg.asset(
@@ -135,7 +106,7 @@ def build(lab: Lab) -> dg.Definitions:
     )
     def rpc_latency(context: dg.AssetExecutionContext, lab: LabResource,
                     warehouse: WarehouseResource) -> dg.MaterializeResult:
-        from idp_pipelines.bench.rpc import measure_rpc_latency, rpc_target
+        from idp_pipelines.bench.rpc import measure_rpc_latency, rpc_target, store_rpc_latency
         from idp_pipelines.bench.suite import host_slot
 
         inv = lab.load()
@@ -146,12 +117,7 @@ def build(lab: Lab) -> dg.Definitions:
                        log=context.log.info):
             result = measure_rpc_latency(url, probes=inv.benchmarks.rpc_probes)
         row = result.row()
-        with warehouse.get(context.log).write() as con:
-            cols = ["measured_at", "dagster_run_id", "host", *row]
-            con.execute(f"INSERT INTO rpc_latency ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                        [datetime.now(timezone.utc), context.run.run_id, context.partition_key, *row.values()])
-            trend = con.execute("SELECT measured_at, p50_ms, p95_ms FROM rpc_latency WHERE host = ? "
-                                "ORDER BY measured_at DESC LIMIT 10", [context.partition_key]).fetchall()
+        trend = store_rpc_latency(warehouse.get(context.log), context.partition_key, result, context.run.run_id)
         context.log.info(f"{context.partition_key}: p50 {_fmt(row.get('p50_ms'), ' ms')}, "
                          f"p95 {_fmt(row.get('p95_ms'), ' ms')}, {row.get('failures')} failures")
         return dg.MaterializeResult(metadata={
@@ -172,21 +138,17 @@ def build(lab: Lab) -> dg.Definitions:
     )
     def benchmark_tuning(context: dg.AssetExecutionContext, lab: LabResource,
                          warehouse: WarehouseResource) -> dg.MaterializeResult:
-        from idp_pipelines.bench.tuning import tune_endpoint
+        from idp_pipelines.bench.tuning import store_recommendations, tune_endpoint
 
         inv = lab.load()
         wh = warehouse.get(context.log)
-        recs, now = [r for r in (tune_endpoint(wh, inv, ep.name) for ep in inv.endpoints) if r], datetime.now(timezone.utc)
+        recs = [r for r in (tune_endpoint(wh, inv, ep.name) for ep in inv.endpoints) if r]
+        store_recommendations(wh, recs, context.run.run_id)
         rows = [{**r.row(), "reason": r.reason} for r in recs]
-        with wh.write() as con:
-            for r in rows:
-                con.execute("INSERT INTO benchmark_tuning VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                            [now, context.run.run_id, r["endpoint"], r["run_id"], r["setting"], r["recommended"],
-                             r["current"] if isinstance(r["current"], int) else None, r["evidence"]])
-        path = idp_home() / "reports" / "benchmark_tuning.json"
-        _write_atomic(path, json.dumps({r["endpoint"]: {k: r[k] for k in ("setting", "recommended", "current",
-                                                                          "run_id", "reason")} for r in rows},
-                                       indent=2, default=str))
+        path = settings.reports_dir() / "benchmark_tuning.json"
+        atomic_write(path, json.dumps({r["endpoint"]: {k: r[k] for k in ("setting", "recommended", "current",
+                                                                         "run_id", "reason")} for r in rows},
+                                      indent=2, default=str))
         return dg.MaterializeResult(metadata={
             "endpoints": len(rows),
             "recommendations": dg.MetadataValue.md(md_table(rows, ["endpoint", "setting", "current", "recommended",
@@ -208,13 +170,13 @@ def build(lab: Lab) -> dg.Definitions:
         inv = lab.load()
         report = build_findings(warehouse.get(context.log), inv)
         text = report.to_markdown()
-        path = idp_home() / "reports" / "hardware_findings.md"
-        _write_atomic(path, text)
+        path = settings.reports_dir() / "hardware_findings.md"
+        atomic_write(path, text)
         # The report as it stood when each benchmark run was first judged: what MLflow attaches to that run.
         for run_id in {v.measurement.run_id for v in report.verdicts if v.measurement and v.measurement.run_id}:
-            per_run = findings_path(run_id)
+            per_run = settings.findings_path(run_id)
             if not per_run.exists():
-                _write_atomic(per_run, text)
+                atomic_write(per_run, text)
         counts: dict[str, int] = {}
         for v in report.verdicts:
             counts[v.verdict] = counts.get(v.verdict, 0) + 1
@@ -226,8 +188,8 @@ def build(lab: Lab) -> dg.Definitions:
     rpc_job = dg.define_asset_job("rpc_latency_job", selection=[rpc_latency])
 
     def nightly(name: str, job, keys: list[str], description: str) -> dg.ScheduleDefinition:
-        @dg.schedule(name=name, job=job, cron_schedule=lab.schedules.benchmarks_cron,
-                     execution_timezone=lab.schedules.timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
+        @dg.schedule(name=name, job=job, cron_schedule=inventory.schedules.benchmarks_cron,
+                     execution_timezone=inventory.schedules.timezone, default_status=dg.DefaultScheduleStatus.RUNNING,
                      description=description)
         def _schedule(context: dg.ScheduleEvaluationContext):
             day = context.scheduled_execution_time.strftime("%Y-%m-%d")

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ from idp_pipelines.bench.fast_transport import FastTransport
 from idp_pipelines.bench.records import RequestRecord
 
 __all__ = [
+    "cache_bust_prefix",
     "BenchError",
     "EndpointConfig",
     "Workload",
@@ -67,7 +69,9 @@ class Workload:
     max_tokens: int = 128
     ignore_eos: bool = False  # force exactly max_tokens where the engine supports it
     min_tokens: int | None = None  # vLLM only
-    cache_bust: bool = False  # unique prefix per request so no prefix-cache hits
+    # A prefix unique across the whole run leads every prompt, so no request can reuse another's
+    # cached prompt (a prefix shared by the run, or ids restarting per step, would be served from cache)
+    cache_bust: bool = False
     temperature: float = 0.0
 
 
@@ -99,6 +103,39 @@ def length_control_params(
     return params
 
 
+# json.loads on bytes sniffs the encoding and wraps raw_decode: ~2 us a chunk the stream does not need
+_decode = json.JSONDecoder().raw_decode
+
+_DIGITS = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def cache_bust_prefix(n: int) -> str:
+    """A prefix unique for each n whose FIRST character differs for any 62 consecutive n.
+
+    A prompt cache matches on the common token prefix, so uniqueness has to lead: n written in
+    base 62 with the least significant digit first (a counter written the usual way shares its
+    leading digits with its neighbours, "1234" and "1235" share the token "123").
+    """
+    out = ""
+    while True:
+        n, d = divmod(n, len(_DIGITS))
+        out += _DIGITS[d]
+        if not n:
+            return out
+
+
+def _env_proxied(url: str) -> bool:
+    """Whether HTTP(S)_PROXY / ALL_PROXY (and NO_PROXY) send this URL through a proxy."""
+    from urllib.parse import urlsplit
+    from urllib.request import getproxies, proxy_bypass
+
+    parts = urlsplit(url)
+    proxies = getproxies()
+    if parts.scheme not in proxies and "all" not in proxies:
+        return False
+    return not proxy_bypass(parts.netloc)
+
+
 class _StreamFailed(Exception):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -120,6 +157,7 @@ class BenchClient:
         self.endpoint = endpoint
         self.workload = workload
         self.run_id = run_id or uuid.uuid4().hex[:12]
+        self._sent = 0  # requests built over the client's life (= the run): the cache-bust counter
         self._length = length_control_params(
             endpoint.engine, workload.max_tokens, workload.ignore_eos, workload.min_tokens
         )
@@ -133,8 +171,16 @@ class BenchClient:
         transport = None
         if endpoint.transport == "fast":
             transport = FastTransport(n, endpoint.connect_timeout_s, endpoint.read_timeout_s)
+        # the direct path only where AsyncClient itself would use our transport: a URL the environment
+        # routes through a proxy goes through AsyncClient's proxy mount, as before
+        self._fast = None if transport is None or _env_proxied(endpoint.url) else transport
+        # the request head, once (the fast path builds each request as bytes: head, length, body)
+        self._fast_key, self._fast_head = FastTransport.request_head(
+            "POST", endpoint.url, {"User-Agent": f"python-httpx/{httpx.__version__}", **headers})
         self._client = httpx.AsyncClient(
             transport=transport,
+            # a plain-http endpoint needs no CA bundle (loading one costs ~20 ms of start-up CPU)
+            verify=not endpoint.base_url.startswith("http://"),
             limits=httpx.Limits(max_connections=n, max_keepalive_connections=n),
             timeout=httpx.Timeout(
                 connect=endpoint.connect_timeout_s,
@@ -160,7 +206,9 @@ class BenchClient:
     def build_body(self, request_id: int) -> dict[str, Any]:
         prompt = self.workload.prompts[request_id % len(self.workload.prompts)]
         if self.workload.cache_bust:
-            prompt = f"[{self.run_id}-{request_id}] {prompt}"
+            # then the run id, so the next run's request n does not meet this one's in the cache
+            prompt = f"{cache_bust_prefix(self._sent)}{self.run_id[:8]}: {prompt}"
+        self._sent += 1
         body: dict[str, Any] = {
             "model": self.endpoint.model,
             "stream": True,
@@ -237,13 +285,36 @@ class BenchClient:
         record.t_end = time.perf_counter() - t0
         self._finalise_tokens(record)
 
+    @contextlib.asynccontextmanager
+    async def _post(self, content: bytes) -> AsyncIterator[httpx.Response]:
+        """POST the body and yield the streaming response.
+
+        On the fast transport the request goes to it directly as bytes: AsyncClient.stream's URL parsing,
+        header merging, cookies, auth and event hooks cost about 100 us of client CPU a request, which at
+        high concurrency delays the sends and reads being timed. Errors are the same httpx exceptions.
+        """
+        if self._fast is None:
+            async with self._client.stream("POST", self.endpoint.url, content=content,
+                                           headers=self._headers) as resp:
+                yield resp
+            return
+        resp = await self._fast.send_bytes(
+            self._fast_key, self._fast_head + b"Content-Length: %d\r\n\r\n" % len(content) + content)
+        try:
+            yield resp
+        finally:
+            await resp.aclose()
+
     async def _stream(self, rec: RequestRecord, content: bytes, t0: float) -> None:
         perf = time.perf_counter
-        async with self._client.stream(
-            "POST", self.endpoint.url, content=content, headers=self._headers
-        ) as resp:
+        async with self._post(content) as resp:
             rec.t_headers = perf() - t0
             rec.http_status = resp.status_code
+            ext = resp.extensions
+            if ext.get("idp_attempt_started") is not None:
+                # the transport resent it on a fresh connection: time the attempt that was answered
+                rec.t_sent = ext["idp_attempt_started"] - t0
+                rec.retries = ext.get("idp_retries", 0)
             if resp.status_code != 200:
                 raw = b""
                 async for part in resp.aiter_raw():
@@ -308,8 +379,11 @@ class BenchClient:
             state.done = True
             return
         try:
-            obj = json.loads(data)
-        except ValueError:
+            text = data.decode()
+            obj, end = _decode(text)
+            if end != len(text) and text[end:].strip():
+                raise ValueError("extra data after the JSON object")
+        except (ValueError, UnicodeDecodeError):
             raise _StreamFailed(
                 "protocol", f"malformed SSE data after {rec.content_chunks} content chunks: "
                 f"{data[:120].decode('utf-8', 'replace')!r}"
@@ -340,8 +414,15 @@ class BenchClient:
                 running = state.timings_completion if running is None else running
             if timings.get("cache_n") is not None:
                 rec.cached_prompt_tokens = int(timings["cache_n"])
-            if rec.prompt_tokens is None and timings.get("prompt_n") is not None:
-                rec.prompt_tokens = int(timings["prompt_n"]) + int(timings.get("cache_n") or 0)
+            if timings.get("prompt_n") is not None:
+                rec.server_prompt_n = int(timings["prompt_n"])
+                if rec.prompt_tokens is None:
+                    rec.prompt_tokens = rec.server_prompt_n + int(timings.get("cache_n") or 0)
+            if timings.get("prompt_ms") is not None:
+                rec.server_prompt_ms = float(timings["prompt_ms"])
+            if timings.get("predicted_ms") is not None:
+                rec.server_predicted_ms = float(timings["predicted_ms"])
+                rec.server_predicted_n = state.timings_completion
         if obj.get("tokens_predicted") is not None:  # llama.cpp native /completion
             state.timings_completion = int(obj["tokens_predicted"])
         choices = obj.get("choices")

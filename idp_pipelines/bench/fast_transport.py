@@ -6,17 +6,31 @@ latencies being measured. This transport speaks plain HTTP/1.1 over asyncio stre
 (keep-alive pool, chunked or Content-Length bodies, optional TLS) and keeps the httpx
 API above it. It does not do proxies, HTTP/2 or redirects; use ``transport="httpcore"``
 on EndpointConfig for those.
+
+Connection reuse is earned, not assumed from headers: llama.cpp's llama-server closes the
+connection right after each streamed response while still sending ``Keep-Alive: timeout=5,
+max=100``. A pooled connection is checked before use (the server's close may already have
+arrived), and a request that fails on a reused connection before any byte of the response is
+sent again once on a fresh connection: the response carries ``idp_retries`` (how many such
+resends) and ``idp_attempt_started`` (perf_counter when the answered attempt began), so the
+caller times the attempt that was answered and never records the dead socket as a server
+failure. An origin seen closing connections soon after a response is not pooled any more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl as _ssl
+import time
 from collections.abc import AsyncIterator
 
 import httpx
 
 __all__ = ["FastTransport"]
+
+# A pooled connection found closed by the server this soon after its response was a close after the
+# response (llama-server), not an idle timeout: stop pooling that origin's connections.
+_EARLY_CLOSE_S = 1.0
 
 
 class _Conn:
@@ -31,7 +45,13 @@ class _Conn:
         self.last = self.loop.time()
         self.active = False
         self.timed_out = False
+        self.released_at: float | None = None  # loop time the last response on it ended
         self._timer: asyncio.TimerHandle | None = None
+
+    def usable(self) -> bool:
+        """Still open as far as this side can tell (the server's FIN may already be in)."""
+        return not (self.reader.at_eof() or self.writer.transport.is_closing()
+                    or self.reader.exception() is not None)
 
     def arm(self) -> None:
         self.active, self.last = True, self.loop.time()
@@ -147,15 +167,37 @@ class FastTransport(httpx.AsyncBaseTransport):
         self._idle: dict[tuple, list[_Conn]] = {}
         self._sem: asyncio.Semaphore | None = None
         self._all: set[_Conn] = set()
+        self.no_reuse: set[tuple] = set()  # origins that close connections after a response
+        self.stale_retries = 0  # requests resent on a fresh connection, over the transport's life
 
     def _release(self, key: tuple, conn: _Conn, reusable: bool) -> None:
-        if reusable and not conn.reader.at_eof():
+        if reusable and key not in self.no_reuse and conn.usable():
+            conn.released_at = conn.loop.time()
             self._idle.setdefault(key, []).append(conn)
         else:
             self._all.discard(conn)
             conn.close()
         assert self._sem is not None
         self._sem.release()
+
+    def _distrust_if_early(self, key: tuple, conn: _Conn) -> None:
+        if conn.released_at is not None and conn.loop.time() - conn.released_at < _EARLY_CLOSE_S:
+            self.no_reuse.add(key)
+            for other in self._idle.pop(key, []):
+                self._all.discard(other)
+                other.close()
+
+    def _pooled(self, key: tuple) -> _Conn | None:
+        """An idle connection that still looks open; closed ones are dropped on the way."""
+        idle = self._idle.get(key)
+        while idle:
+            conn = idle.pop()
+            if conn.usable():
+                return conn
+            self._all.discard(conn)
+            conn.close()
+            self._distrust_if_early(key, conn)
+        return None
 
     async def _connect(self, key: tuple) -> _Conn:
         scheme, host, port = key
@@ -170,7 +212,7 @@ class FastTransport(httpx.AsyncBaseTransport):
         except TimeoutError:
             raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from None
+            raise httpx.ConnectError(str(exc)) from None  # callers name the URL
         conn = _Conn(reader, writer, self._read_timeout)
         self._all.add(conn)
         return conn
@@ -187,38 +229,67 @@ class FastTransport(httpx.AsyncBaseTransport):
         head = [b"%s %s HTTP/1.1\r\n" % (request.method.encode(), url.raw_path)]
         head += [b"%s: %s\r\n" % (k, v) for k, v in request.headers.raw]
         head.append(b"\r\n")
-        payload = b"".join(head) + body
+        return await self.send_bytes(key, b"".join(head) + body)
+
+    @staticmethod
+    def request_head(method: str, url: str, headers: dict[str, str]) -> tuple[tuple, bytes]:
+        """(origin key, request head without Content-Length and the blank line) for ``send_bytes``:
+        built once per client, so each request costs a bytes concatenation instead of an httpx.Request
+        (URL parsing and header normalisation, 20-60 us a request)."""
+        u = httpx.URL(url)
+        key = (u.scheme, u.host, u.port or (443 if u.scheme == "https" else 80))
+        host = f"[{u.host}]" if ":" in u.host else u.host  # an IPv6 literal keeps its brackets
+        host = host if u.port is None else f"{host}:{u.port}"
+        lines = [b"%s %s HTTP/1.1\r\n" % (method.encode(), u.raw_path), b"Host: %s\r\n" % host.encode()]
+        lines += [b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in headers.items()]
+        return key, b"".join(lines)
+
+    async def send_bytes(self, key: tuple, payload: bytes) -> httpx.Response:
+        """Send a complete HTTP/1.1 request (head and body) to the origin ``key``; the streaming response."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self._max)
         await self._sem.acquire()
         try:
-            for attempt in (0, 1):
-                idle = self._idle.get(key)
-                reused = bool(idle)
-                conn = idle.pop() if idle else await self._connect(key)
+            retries = 0
+            while True:
+                started = time.perf_counter()
+                # after one dead pooled connection, the resend goes on a fresh one: at most one resend
+                conn = self._pooled(key) if not retries else None
+                reused = conn is not None
+                if conn is None:
+                    conn = await self._connect(key)
                 try:
-                    return await self._exchange(key, conn, payload)
+                    return await self._exchange(key, conn, payload, reused, retries, started)
                 except _StaleConnection:
-                    # the server closed an idle keep-alive connection: retry once on a new one
                     self._all.discard(conn)
                     conn.close()
-                    if not reused or attempt:
+                    self._distrust_if_early(key, conn)
+                    if not reused:
                         raise httpx.RemoteProtocolError(
                             "server closed the connection without a response"
                         ) from None
+                    retries += 1
+                    self.stale_retries += 1
         except BaseException:
             self._sem.release()
             raise
-        raise AssertionError("unreachable")
 
-    async def _exchange(self, key: tuple, conn: _Conn, payload: bytes) -> httpx.Response:
+    async def _exchange(self, key: tuple, conn: _Conn, payload: bytes, reused: bool, retries: int,
+                        started: float) -> httpx.Response:
         conn.arm()
         try:
-            conn.writer.write(payload)
-            await conn.writer.drain()
             try:
+                conn.writer.write(payload)
+                await conn.writer.drain()
                 raw = await conn.reader.readuntil(b"\r\n\r\n")
-            except asyncio.IncompleteReadError as exc:
-                if not exc.partial and not conn.timed_out:
-                    raise _StaleConnection() from None
+            except (asyncio.IncompleteReadError, ConnectionError) as exc:
+                # nothing of a response arrived: on a pooled connection that is the server's earlier
+                # close (or reset) we had not seen yet, not an answer to this request
+                partial = getattr(exc, "partial", b"")
+                if not partial and not conn.timed_out:
+                    conn.disarm()
+                    if reused:
+                        raise _StaleConnection() from None
                 raise
             conn.touch()
             lines = raw[:-4].split(b"\r\n")
@@ -253,7 +324,8 @@ class FastTransport(httpx.AsyncBaseTransport):
             int(status),
             headers=headers,
             stream=stream,
-            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason[0] if reason else b""},
+            extensions={"http_version": b"HTTP/1.1", "reason_phrase": reason[0] if reason else b"",
+                        "idp_retries": retries, "idp_attempt_started": started},
         )
 
     async def aclose(self) -> None:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from idp_pipelines.bench import metrics
 from idp_pipelines.bench.client import BenchClient, BenchError, EndpointConfig, Workload
+from idp_pipelines.bench.host_load import HostLoad, HostLoadMeter
 from idp_pipelines.bench.records import RequestRecord
 from idp_pipelines.bench.server_metrics import (
     ServerMetricsDelta,
@@ -129,6 +130,7 @@ class StepResult:
     warmup_count: int = 0
     client_cpu_s: float = 0.0  # process CPU time of the client over the measured phase
     server_metrics: ServerMetricsDelta | None = None
+    host_load: HostLoad | None = None  # CPU of other processes on this machine during the step
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -145,6 +147,9 @@ class StepResult:
         if self.server_metrics is not None:
             out["server_metrics_error"] = self.server_metrics.error
             out["server_prefix_cache_hit_rate"] = prefix_cache_hit_rate(self.server_metrics)
+        if self.host_load is not None:
+            out["host_other_cpu_cores"] = self.host_load.other_cpu_cores
+            out["host_other_top"] = self.host_load.top
         return out
 
 
@@ -166,6 +171,8 @@ async def _closed_loop(
             done += 1
             if progress:
                 progress(step, done, n)
+            if rec.error_kind == "aborted":
+                break  # the step's limit: timers may fire a little before perf_counter reaches it
 
     await asyncio.gather(*(worker() for _ in range(min(spec.concurrency or 1, n))))
     return records
@@ -210,9 +217,12 @@ async def _open_loop(
 
 async def run_step(
     client: BenchClient, spec: LoadSpec, progress: ProgressCallback | None = None,
-    scrape: bool = True,
+    scrape: bool = True, host_meter: HostLoadMeter | None = None,
 ) -> StepResult:
-    """Warm up, scrape /metrics, run the measured phase within its limits, scrape again."""
+    """Warm up, scrape /metrics, run the measured phase within its limits, scrape again.
+
+    ``host_meter`` samples the CPU other processes use during the measured phase.
+    """
     warm: list[RequestRecord] = []
     if spec.warmup_requests:
         wt0 = time.perf_counter()
@@ -228,6 +238,8 @@ async def run_step(
             before = await scrape_metrics(client.http, url)
         except Exception as exc:  # the server may have no /metrics: say so, keep going
             metrics_error = client.redact(f"scraping {url} failed: {type(exc).__name__}: {exc}")
+    if host_meter is not None:
+        host_meter.start()
     started_at = dt.datetime.now(dt.timezone.utc).isoformat()
     cpu0 = time.process_time()
     t0 = time.perf_counter()
@@ -238,6 +250,7 @@ async def run_step(
     else:
         records = await _open_loop(client, spec, spec.name, t0, deadline, progress)
     client_cpu = time.process_time() - cpu0
+    host_load = host_meter.stop() if host_meter is not None else None
     ends = [r.t_end for r in records if r.t_end is not None]
     starts = [r.t_sent for r in records if r.t_sent is not None]
     duration = (max(ends) - min(starts)) if ends and starts else time.perf_counter() - t0
@@ -252,7 +265,8 @@ async def run_step(
         if server is None:
             server = ServerMetricsDelta(error=metrics_error)
     return StepResult(load=spec, started_at=started_at, duration_s=duration, records=records,
-                      warmup_count=len(warm), client_cpu_s=client_cpu, server_metrics=server)
+                      warmup_count=len(warm), client_cpu_s=client_cpu, server_metrics=server,
+                      host_load=host_load)
 
 
 async def run_steps(

@@ -9,13 +9,12 @@ both ends of that interval to exist, the percentile is marked insufficient.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import statistics
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-
-import numpy as np
-from scipy.stats import binom
 
 from idp_pipelines.bench.records import RequestRecord
 
@@ -31,6 +30,9 @@ __all__ = [
     "ttft_from_intended_s",
     "e2e_from_intended_s",
     "derived_ms",
+    "request_row",
+    "served_from_cache",
+    "ttft_split",
     "meets_slos",
     "summarize",
     "SLO_KEYS",
@@ -65,23 +67,59 @@ def _ci_ranks(n: int, p: float, confidence: float) -> tuple[int | None, int | No
     """1-based ranks (l, u) with P(x_(l) <= quantile_p <= x_(u)) >= confidence, or None."""
     alpha = 1.0 - confidence
     # cdf[k] = P(K <= k) for k < n, K = number of samples below the quantile (non-decreasing)
-    cdf = binom.cdf(np.arange(n), n, p)
-    # x_(l) <= Q  <=>  K >= l, so take the largest l with P(K <= l - 1) <= alpha/2
-    c = int(np.searchsorted(cdf, alpha / 2, side="right"))
+    # x_(l) <= Q  <=>  K >= l, so take the largest l with P(K <= l - 1) <= alpha/2 (= how many cdf[k] are)
     # Q <= x_(u)  <=>  K <= u - 1, so take the smallest u with P(K <= u - 1) >= 1 - alpha/2
-    idx = int(np.searchsorted(cdf, 1 - alpha / 2, side="left"))
+    c = idx = None
+    for k, cdf in _binom_cdf(n, p):
+        if c is None and cdf > alpha / 2:
+            c = k
+        if cdf >= 1 - alpha / 2:
+            idx = k
+            break
+    c = n if c is None else c
+    idx = n if idx is None else idx
     return (c if c > 0 else None, idx + 1 if idx < n else None)
+
+
+def _binom_cdf(n: int, p: float) -> Iterator[tuple[int, float]]:
+    """(k, P(K <= k)) for k = 0..n-1, K ~ Binomial(n, p), summed from log-space terms.
+
+    Pure Python on purpose: scipy.stats and numpy cost `idp bench` about 0.5 s of start-up CPU and
+    60 MB for this one function; the terms agree with scipy's binom.cdf to ~1e-12. For large n the sum
+    starts 12 standard deviations below the mean, where the mass left out is below 1e-30.
+    """
+    if p <= 0.0 or p >= 1.0:  # K is certainly 0 (p = 0) or n (p = 1)
+        yield from ((k, 1.0 if p <= 0.0 else 0.0) for k in range(n))
+        return
+    lp, lq = math.log(p), math.log1p(-p)
+    lgn = math.lgamma(n + 1)
+    start = 0
+    if n > 2000:
+        start = max(0, int(n * p - 12 * math.sqrt(n * p * (1 - p))))
+        yield from ((k, 0.0) for k in range(start))
+    total = 0.0
+    for k in range(start, n):
+        total += math.exp(lgn - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * lp + (n - k) * lq)
+        yield k, min(total, 1.0)
+
+
+def _quantile(xs: list[float], q: float) -> float:
+    """Linear-interpolation sample quantile of sorted ``xs`` (numpy's default method)."""
+    pos = (len(xs) - 1) * q
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
 def percentile_ci(
     values: Iterable[float], q: float, confidence: float = 0.95
 ) -> PercentileEstimate:
     """Percentile ``q`` (0-100) of ``values`` with a two-sided binomial order-statistic CI."""
-    xs = np.sort(np.asarray([v for v in values if v is not None], dtype=float))
+    xs = sorted(float(v) for v in values if v is not None)
     n = len(xs)
     if n == 0:
         return PercentileEstimate(q, 0, None, None, None, confidence, False)
-    point = float(np.quantile(xs, q / 100.0))
+    point = _quantile(xs, q / 100.0)
     lo_rank, hi_rank = _ci_ranks(n, q / 100.0, confidence)
     lo = float(xs[lo_rank - 1]) if lo_rank else None
     hi = float(xs[hi_rank - 1]) if hi_rank else None
@@ -157,6 +195,13 @@ def derived_ms(r: RequestRecord) -> dict[str, float | None]:
     return out
 
 
+def request_row(r: RequestRecord) -> dict[str, Any]:
+    """Raw fields plus derived latencies in ms: one `benchmark_requests` row (or a DataFrame row)."""
+    row = dataclasses.asdict(r)
+    row.update(derived_ms(r))
+    return row
+
+
 def _check_slos(slos: Mapping[str, float] | None) -> Mapping[str, float]:
     slos = slos or {}
     unknown = set(slos) - set(SLO_KEYS)
@@ -184,7 +229,7 @@ def _add_distribution(
     out: dict[str, Any], name: str, values: Sequence[float], confidence: float
 ) -> None:
     out[f"{name}_n"] = len(values)
-    out[f"{name}_mean"] = float(np.mean(values)) if values else None
+    out[f"{name}_mean"] = statistics.fmean(values) if values else None
     for q in PERCENTILES:
         est = percentile_ci(values, q, confidence)
         out[f"{name}_p{q}"] = est.value
@@ -217,6 +262,7 @@ def summarize(
     reported = [r for r in ok if r.server_reported_tokens]
     cache_known = [r for r in ok if r.cached_prompt_tokens is not None and r.prompt_tokens]
     good = [r for r in ok if meets_slos(r, slos)] if slos else ok
+    timed = [r for r in ok if r.server_predicted_ms is not None and (r.server_predicted_n or 0) > 1]
     errors_by_kind: dict[str, int] = {}
     for r in records:
         if r.error_kind:
@@ -247,13 +293,46 @@ def summarize(
             / sum(r.prompt_tokens for r in cache_known)
             if cache_known else None
         ),
+        # requests whose prompt the server mostly took from its cache: with cache_bust on, a template's
+        # fixed prefix is a few tokens, never half the prompt
+        "served_from_cache": sum(served_from_cache(r) for r in cache_known) if cache_known else None,
+        "cache_fixed_prefix_tokens": min(r.cached_prompt_tokens for r in cache_known) if cache_known else None,
+        "retries": sum(r.retries for r in records),
+        # the server's own decode rate (llama.cpp: timings.predicted_per_second, token-weighted)
+        "server_decode_tok_s": (
+            sum(r.server_predicted_n for r in timed) / sum(r.server_predicted_ms for r in timed) * 1000.0
+            if timed and sum(r.server_predicted_ms for r in timed) > 0 else None
+        ),
     }
     for name, fn in _PER_REQUEST.items():
         vals = [v * 1000.0 for v in (fn(r) for r in ok) if v is not None]
         _add_distribution(out, name, vals, confidence)
     itl = [g * 1000.0 for r in ok for g in itl_s(r)]
     _add_distribution(out, "itl_ms", itl, confidence)
+    _add_distribution(out, "server_prompt_ms",
+                      [r.server_prompt_ms for r in ok if r.server_prompt_ms is not None], confidence)
     return out
+
+
+def served_from_cache(r: RequestRecord) -> bool:
+    """The server reports that it took at least half of this request's prompt from its cache."""
+    return bool(r.prompt_tokens and r.cached_prompt_tokens is not None
+                and r.cached_prompt_tokens * 2 >= r.prompt_tokens)
+
+
+def ttft_split(summary: Mapping[str, Any], network_rtt_ms: float | None) -> dict[str, Any]:
+    """TTFT p50 taken apart: the server's prompt time, its queue/slot time, the client and network.
+
+    llama.cpp reports its prompt time (`timings.prompt_ms`) but no queue time, so the network share is
+    the probe's round trip before the run, and the queue/slot share is what remains: it holds the wait
+    for a free slot and work such as saving the slot's previous state to the prompt cache (--cache-ram).
+    """
+    ttft, prompt = summary.get("ttft_ms_p50"), summary.get("server_prompt_ms_p50")
+    if ttft is None or prompt is None:
+        return {"ttft_server_prompt_ms": prompt, "ttft_network_ms": network_rtt_ms, "ttft_server_queue_ms": None}
+    network = network_rtt_ms or 0.0
+    return {"ttft_server_prompt_ms": prompt, "ttft_network_ms": network_rtt_ms,
+            "ttft_server_queue_ms": max(0.0, ttft - prompt - network)}
 
 
 def decode_ceiling_tok_s(bandwidth_gb_s: float, model_bytes_per_token: float) -> float:

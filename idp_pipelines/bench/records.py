@@ -1,10 +1,12 @@
-"""The per-request record every benchmark produces; its fields become DuckDB columns."""
+"""The per-request record every benchmark produces; its fields become DuckDB columns.
+
+Plain data with no imports from the rest of the harness: `metrics` derives figures from it
+(`metrics.request_row` is its warehouse row), never the other way round.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
 __all__ = ["RequestRecord", "ERROR_KINDS"]
 
@@ -39,17 +41,18 @@ class RequestRecord:
     # when it is a count of content chunks, which undercounts multi-token chunks.
     server_reported_tokens: bool = False
     token_source: str | None = None  # "usage", "timings" or "chunks"
+    # Sent again on a fresh connection after a pooled one turned out dead before any response byte
+    # (the server had closed it): not a server failure, and the times above are the answered attempt's.
+    retries: int = 0
+    # The server's own account where it gives one (llama.cpp's `timings`): prompt evaluation time and
+    # tokens evaluated (cached tokens are in cached_prompt_tokens), decode time and tokens.
+    server_prompt_ms: float | None = None
+    server_prompt_n: int | None = None
+    server_predicted_ms: float | None = None
+    server_predicted_n: int | None = None
     error: str | None = None
     error_kind: str | None = None
 
     @property
     def ok(self) -> bool:
         return self.error is None
-
-    def to_row(self) -> dict[str, Any]:
-        """Flat dict of raw fields plus derived latencies in ms, for a DataFrame or DuckDB."""
-        from idp_pipelines.bench import metrics  # metrics imports this module
-
-        row = dataclasses.asdict(self)
-        row.update(metrics.derived_ms(self))
-        return row

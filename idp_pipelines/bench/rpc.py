@@ -26,8 +26,9 @@ from idp_pipelines.probe import HEALTH_PATHS
 
 if TYPE_CHECKING:
     from idp_pipelines.lab import Lab
+    from idp_pipelines.warehouse import Warehouse
 
-__all__ = ["RpcLatency", "measure_rpc_latency", "rpc_target", "CONNECT_PROBES"]
+__all__ = ["RpcLatency", "measure_rpc_latency", "rpc_target", "store_rpc_latency", "CONNECT_PROBES"]
 
 CONNECT_PROBES = 10  # fresh-connection sample size (connect time only)
 _FALLBACK_PATH = HEALTH_PATHS["openai"]  # "/v1/models": every OpenAI-compatible server has it
@@ -252,3 +253,18 @@ def rpc_target(lab: Lab, host_name: str) -> str | None:
         if ep.host == host_name:
             return ep.base_url + HEALTH_PATHS[ep.kind]
     return None
+
+
+def store_rpc_latency(warehouse: Warehouse, host: str, result: RpcLatency, dagster_run_id: str | None,
+                      trend: int = 10) -> list[tuple]:
+    """Append one measurement to ``rpc_latency`` (its one writer); returns the host's last ``trend``
+    (measured_at, p50_ms, p95_ms), newest first."""
+    from datetime import datetime, timezone
+
+    from idp_pipelines.warehouse import insert_rows
+
+    with warehouse.write() as con:
+        insert_rows(con, "rpc_latency", [{"measured_at": datetime.now(timezone.utc), "dagster_run_id": dagster_run_id,
+                                          "host": host, **result.row()}])
+        return con.execute("SELECT measured_at, p50_ms, p95_ms FROM rpc_latency WHERE host = ? "
+                           "ORDER BY measured_at DESC LIMIT ?", [host, trend]).fetchall()

@@ -107,7 +107,11 @@ def metrics_delta(before: MetricsSnapshot, after: MetricsSnapshot) -> ServerMetr
 
 
 def prefix_cache_hit_rate(delta: ServerMetricsDelta) -> float | None:
-    """vLLM's prefix-cache hits / queries over the step (both counted in tokens)."""
+    """The server's prompt-cache hits over the step, in tokens: vLLM's hits / queries, llama.cpp's cached
+    prompt tokens / all prompt tokens (its prompt_tokens_total counts only the evaluated ones)."""
+    cached, evaluated = delta.total("llamacpp:prompt_tokens_cached_total"), delta.total("llamacpp:prompt_tokens_total")
+    if cached is not None and evaluated is not None and cached + evaluated > 0:
+        return cached / (cached + evaluated)
     for hits_name, queries_name in (
         ("vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"),
         ("vllm:prefix_cache_hits", "vllm:prefix_cache_queries"),

@@ -13,18 +13,22 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from idp_pipelines.bench.checks import describe_errors, error_digest
 from idp_pipelines.bench.client import BenchClient, BenchError, EndpointConfig, Workload
+from idp_pipelines.bench.host_load import HostLoadMeter, local_server_pids
 from idp_pipelines.bench.load import StepResult, fixed_concurrency, run_step
-from idp_pipelines.bench.metrics import decode_ceiling_tok_s
+from idp_pipelines.bench.metrics import decode_ceiling_tok_s, request_row, ttft_split
 from idp_pipelines.bench.server_metrics import scrape_metrics
 from idp_pipelines.lab import Endpoint, Lab
+from idp_pipelines.probe import probe_endpoint
 from idp_pipelines.settings import REPO_ROOT
-from idp_pipelines.warehouse import Warehouse
+from idp_pipelines.warehouse import Warehouse, insert_rows
 
 HARNESS_VERSION = "1"
 
@@ -56,12 +60,15 @@ STEP_COLUMNS = (
     "tpot_ms_p50", "tpot_ms_p50_lo", "tpot_ms_p50_hi", "tpot_ms_p95", "itl_ms_p50", "itl_ms_p99", "e2e_ms_p50",
     "e2e_ms_p95", "queue_ms_p50", "queue_ms_p95", "client_cpu_us_per_chunk", "gpu_utilization_pct",
     "gpu_memory_used_gb", "roofline_fraction", "suspect", "server_metrics", "summary",
+    "retries", "served_from_cache", "cache_fixed_prefix_tokens", "server_decode_tok_s", "ttft_server_prompt_ms",
+    "ttft_server_queue_ms", "ttft_network_ms", "host_other_cpu_cores", "host_other_top", "errors",
 )
 REQUEST_COLUMNS = (
     "request_id", "t_intended", "t_sent", "t_first_byte", "t_first_token", "t_last_token", "t_end", "ttft_ms",
     "tpot_ms", "e2e_ms", "queue_ms", "ttft_from_intended_ms", "e2e_from_intended_ms", "max_tokens",
     "prompt_tokens", "completion_tokens", "cached_prompt_tokens", "content_chunks", "token_source",
     "server_reported_tokens", "finish_reason", "http_status", "error_kind", "error", "chunk_times", "chunk_tokens",
+    "retries", "server_prompt_ms", "server_prompt_n", "server_predicted_ms", "server_predicted_n",
 )
 
 
@@ -73,6 +80,9 @@ class RunOutcome:
     steps: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
     decode_ceiling_tok_s: float | None = None
+    ceiling_source: str | None = None  # how the ceiling was found, or why there is none
+    network_rtt_ms: float | None = None
+    errors: dict[str, list] = field(default_factory=dict)  # kind -> [count, one message]
 
     def headline(self) -> dict[str, Any]:
         """Throughput at the highest concurrency and latency at the lowest: the trend numbers."""
@@ -110,26 +120,129 @@ def provenance(lab: Lab) -> dict[str, Any]:
                              for b, sha in heads(r.path, r.branches).items()}}
 
 
-def bandwidth_for(lab: Lab, ep: Endpoint) -> float | None:
-    """The memory bandwidth that bounds this engine's decode: the CPU's for llama.cpp without GPU layers."""
+@dataclass(frozen=True)
+class Ceiling:
+    """The single-stream decode roofline and where its two inputs came from (or why it is missing)."""
+
+    tok_s: float | None
+    bandwidth_gb_s: float | None
+    model_bytes: int | None
+    source: str
+
+
+def _n_gpu_layers(ep: Endpoint) -> int | None:
+    if ep.n_gpu_layers is not None:
+        return ep.n_gpu_layers
+    raw = ep.settings.get("n_gpu_layers")
+    return int(raw) if raw is not None else None
+
+
+def _gguf_layers(path: Path) -> int | None:
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        for key, f in reader.fields.items():
+            if key.endswith(".block_count"):
+                return int(f.parts[f.data[0]][0])
+    except Exception:  # noqa: BLE001 - no layer count only costs a partial offload its ceiling
+        return None
+    return None
+
+
+def bandwidth_for(lab: Lab, ep: Endpoint, model_file: Path | None = None) -> tuple[float | None, str]:
+    """The memory bandwidth that bounds this endpoint's decode, and where it comes from.
+
+    llama.cpp reads the layers it offloads from GPU memory and the rest from host RAM: with
+    `n_gpu_layers` 0 the CPU's bandwidth bounds it, with all layers (-1) the GPU's, in between the
+    harmonic mix by layer share. On a GPU host the offload must be given: it is never guessed.
+    """
     host = lab.host(ep.host)
-    on_cpu = ep.kind == "llamacpp" and not int(ep.settings.get("n_gpu_layers", 0) or 0)
-    unit = host.cpu if on_cpu else host.gpu
-    return unit.memory_bandwidth_gb_s if unit else None
+    cpu_bw = host.cpu.memory_bandwidth_gb_s if host.cpu else None
+    gpu_bw = host.gpu.memory_bandwidth_gb_s if host.gpu else None
+    where = f"hosts[{ep.host}]"
+    if ep.kind != "llamacpp":
+        return (gpu_bw, f"{where}.gpu.memory_bandwidth_gb_s") if gpu_bw else (
+            None, f"no {where}.gpu.memory_bandwidth_gb_s in the inventory")
+    ngl = _n_gpu_layers(ep)
+    if ngl is None and host.gpu is not None:
+        return None, (f"llama.cpp on {ep.host}, which has a GPU, without n_gpu_layers: set "
+                      f"endpoints[{ep.name}].n_gpu_layers (0 = CPU only, -1 = every layer on the GPU)")
+    if not ngl:
+        return (cpu_bw, f"{where}.cpu.memory_bandwidth_gb_s (n_gpu_layers 0)") if cpu_bw else (
+            None, f"no {where}.cpu.memory_bandwidth_gb_s in the inventory")
+    if not gpu_bw:
+        return None, f"n_gpu_layers {ngl} but no {where}.gpu.memory_bandwidth_gb_s in the inventory"
+    layers = _gguf_layers(model_file) if model_file else None
+    if ngl < 0 or (layers and ngl >= layers + 1):  # llama.cpp counts the output layer too
+        return gpu_bw, f"{where}.gpu.memory_bandwidth_gb_s (all layers offloaded)"
+    if not layers or not cpu_bw:
+        return None, (f"partial offload (n_gpu_layers {ngl}) needs the model's layer count (endpoints"
+                      f"[{ep.name}].model_file) and {where}.cpu.memory_bandwidth_gb_s")
+    share = min(1.0, ngl / layers)
+    mixed = 1.0 / (share / gpu_bw + (1 - share) / cpu_bw)
+    return mixed, f"{share:.0%} of {layers} layers at {where}.gpu, the rest at {where}.cpu bandwidth"
 
 
-def model_provenance(wh: Warehouse, lab: Lab, ep: Endpoint) -> dict[str, Any]:
+def model_bytes_for(con: Any, lab: Lab, ep: Endpoint) -> tuple[int | None, str]:
+    """Bytes read per decoded token (the weights): the inventory's figure, the GGUF file's size, or the
+    model's last quantization / download in the warehouse."""
+    if ep.model_bytes:
+        return ep.model_bytes, f"endpoints[{ep.name}].model_bytes"
+    if ep.model_file is not None:
+        if ep.model_file.is_file():
+            return ep.model_file.stat().st_size, f"size of {ep.model_file}"
+        return None, f"endpoints[{ep.name}].model_file {ep.model_file} does not exist"
+    if not ep.model:
+        return None, f"no model_bytes, model_file or model for endpoint {ep.name}"
+    model = lab.model(ep.model)
+    quant = ep.settings.get("quantization") or model.serving_quantization
+    row = con.execute("SELECT output_bytes, output_path FROM quantizations WHERE model = ? AND quant_type = ? "
+                      "ORDER BY quantized_at DESC LIMIT 1", [model.name, str(quant)]).fetchone() if quant else None
+    if row:
+        return int(row[0]), f"quantization {quant} of {model.name} ({row[1]})"
+    row = con.execute("SELECT bytes FROM model_downloads WHERE model = ? ORDER BY downloaded_at DESC LIMIT 1",
+                      [model.name]).fetchone()
+    if row:
+        return int(row[0]), f"last download of {model.name} (hub_model)"
+    return None, (f"model size unknown: set endpoints[{ep.name}].model_bytes or model_file in the inventory, "
+                  f"or materialise hub_model[{model.name}]")
+
+
+def ceiling_for(con: Any, lab: Lab, ep: Endpoint) -> Ceiling:
+    """The roofline, reading the warehouse through ``con`` (a DuckDB connection) where the inventory is silent."""
+    nbytes, bytes_src = model_bytes_for(con, lab, ep)
+    bw, bw_src = bandwidth_for(lab, ep, ep.model_file)
+    if bw and nbytes:
+        return Ceiling(decode_ceiling_tok_s(bw, nbytes), bw, nbytes,
+                       f"{bw:g} GB/s ({bw_src}) / {nbytes / 1e6:,.1f} MB ({bytes_src})")
+    missing = [src for ok, src in ((bw, bw_src), (nbytes, bytes_src)) if not ok]
+    return Ceiling(None, bw, nbytes, "no ceiling: " + "; ".join(missing))
+
+
+def model_provenance(con: Any, lab: Lab, ep: Endpoint) -> dict[str, Any]:
     if not ep.model:
         return {}
     model = lab.model(ep.model)
     out: dict[str, Any] = {"model_repo_id": model.repo_id, "model_revision": model.revision,
                            "quantization": ep.settings.get("quantization") or model.serving_quantization
                            or ("gguf" if model.format == "gguf" else None)}
-    with wh.read() as con:
-        row = con.execute("SELECT commit_sha, bytes FROM model_downloads WHERE model = ? "
-                          "ORDER BY downloaded_at DESC LIMIT 1", [model.name]).fetchone()
+    row = con.execute("SELECT commit_sha FROM model_downloads WHERE model = ? "
+                      "ORDER BY downloaded_at DESC LIMIT 1", [model.name]).fetchone()
     if row:
-        out["model_commit_sha"], out["model_bytes"] = row
+        out["model_commit_sha"] = row[0]
+    return out
+
+
+def engine_settings(ep: Endpoint) -> dict[str, Any]:
+    """What the inventory says the server runs with: its settings and, where the inventory types them,
+    the llama.cpp server's settings (slots, context, cache_ram)."""
+    out: dict[str, Any] = dict(ep.settings)
+    typed = getattr(ep, "llamacpp", None)
+    if typed is not None and hasattr(typed, "model_dump"):
+        out["llamacpp"] = typed.model_dump(mode="json")
+    if ep.n_gpu_layers is not None:
+        out["n_gpu_layers"] = ep.n_gpu_layers
     return out
 
 
@@ -154,12 +267,14 @@ def _gauge_mean(gauges: dict[str, float], name: str) -> float | None:
 
 
 def step_row(index: int, result: StepResult, slos: dict[str, float], ceiling: float | None,
-             dcgm_after: dict[str, float]) -> dict[str, Any]:
+             dcgm_after: dict[str, float], network_rtt_ms: float | None = None) -> dict[str, Any]:
+    """The `benchmark_steps` row of one measured step (without run_id)."""
     summary = result.summary(slos)
     tpot = summary.get("tpot_ms_mean")
     row = {c: summary.get(c) for c in STEP_COLUMNS if c in summary}
     row.update(step_index=index, step=result.name, started_at=summary["started_at"],
                output_tok_s_per_request=(1000.0 / tpot) if tpot else None)
+    row.update(ttft_split(summary, network_rtt_ms))
     util = _gauge_mean(dcgm_after, DCGM_UTIL)
     fb_mib = _gauge_sum(dcgm_after, DCGM_FB_USED)
     row["gpu_utilization_pct"] = util
@@ -171,33 +286,47 @@ def step_row(index: int, result: StepResult, slos: dict[str, float], ceiling: fl
     sm = result.server_metrics
     row["server_metrics"] = json.dumps({"counters": sm.counters, "gauges": sm.gauges, "error": sm.error}
                                        if sm else None, default=str)
+    row["host_other_top"] = json.dumps(summary.get("host_other_top"))
+    row["errors"] = json.dumps(error_digest(result.records))
     row["summary"] = json.dumps(summary, default=str)
-    return row
+    return {c: row.get(c) for c in STEP_COLUMNS}
 
 
-def _insert(con, table: str, run_id: str, index: int | None, rows: list[dict], columns: tuple[str, ...]) -> None:
-    if not rows:
-        return
-    lead = ["run_id"] + (["step_index"] if index is not None else [])
-    cols = lead + list(columns)
-    sql = f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})"
-    con.executemany(sql, [[run_id] + ([index] if index is not None else []) + [r.get(c) for c in columns]
-                          for r in rows])
+def store_step(wh: Warehouse, run_id: str, row: dict[str, Any], result: StepResult) -> None:
+    """One step and its requests, in one transaction: the only writer of both tables."""
+    with wh.write() as con:
+        insert_rows(con, "benchmark_steps", [{"run_id": run_id, **row}])
+        insert_rows(con, "benchmark_requests", [
+            {"run_id": run_id, "step_index": row["step_index"], **{c: full[c] for c in REQUEST_COLUMNS}}
+            for full in map(request_row, result.records)])
 
 
 HOST_SLOT_WAIT_S = 4 * 3600.0  # a slow endpoint's sweep can take an hour; four is a stuck measurement
 
 
+@contextlib.contextmanager
 def host_slot(host: str, *, holder: str, log: Callable[[str], None] | None = None,
-              timeout_s: float | None = None) -> contextlib.AbstractContextManager[None]:
+              timeout_s: float | None = None) -> Iterator[None]:
     """The host's measurement slot, across processes: a sweep started by hand (`idp bench`) and a nightly
-    Dagster run on the same host would distort each other, and Dagster's pool does not see the CLI."""
+    Dagster run on the same host would distort each other, and Dagster's pool does not see the CLI.
+
+    A measurement that finds the slot taken says so at once (naming the holder), waits, then proceeds.
+    """
     from idp_pipelines.locks import file_lock
     from idp_pipelines.settings import idp_home
 
-    return file_lock(idp_home() / "locks" / f"measure-{host}.lock", timeout_s=timeout_s or HOST_SLOT_WAIT_S,
-                     what=f"the measurement slot of host {host!r}", on_wait=log, holder=holder, error=BenchError,
-                     fix="let that measurement finish, or stop it if it is stuck.")
+    path = idp_home() / "locks" / f"measure-{host}.lock"
+    what = f"the measurement slot of host {host!r}"
+    fix = "let that measurement finish, or stop it if it is stuck."
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(path, timeout_s=0, what=what, holder=holder, error=BenchError, fix=fix))
+        except BenchError as busy:
+            if log:  # "Waited 0 s for <what> <path>, held by ... Fix: ..." -> what the wait is for
+                log(f"waiting: {str(busy).split('. Fix:')[0].replace('Waited 0 s for', 'the measurement needs')}")
+            held.enter_context(file_lock(path, timeout_s=timeout_s or HOST_SLOT_WAIT_S, what=what, on_wait=log,
+                                         holder=holder, error=BenchError, fix=fix))
+        yield
 
 
 def run_endpoint(lab: Lab, endpoint: str, wh: Warehouse, *, trigger: str, dagster_run_id: str | None = None,
@@ -228,11 +357,10 @@ def _run_endpoint(lab: Lab, ep: Endpoint, wh: Warehouse, *, trigger: str, dagste
     concurrencies = concurrency or ep.concurrency or cfg.concurrency
     n = requests_per_step or cfg.requests_per_step
     tokens = max_tokens or cfg.max_tokens
-    api_key = os.environ.get(ep.api_key_env) if ep.api_key_env else None
     engine = {"vllm": "vllm", "llamacpp": "llamacpp"}.get(ep.kind, "openai")
     endpoint_cfg = EndpointConfig(
         base_url=ep.base_url, model=ep.served_model_name or ep.model or "", api=cfg.api, engine=engine,
-        api_key=api_key, request_timeout_s=cfg.request_timeout_s,
+        api_key=ep.api_key(), request_timeout_s=cfg.request_timeout_s,
         metrics_url=(ep.base_url + ep.metrics_path) if ep.metrics_path else None,
     )
     length_forced = cfg.ignore_eos and engine != "openai"
@@ -243,62 +371,81 @@ def _run_endpoint(lab: Lab, ep: Endpoint, wh: Warehouse, *, trigger: str, dagste
                                warmup_requests=cfg.warmup_requests if i == 0 else 0)
              for i, c in enumerate(concurrencies)]
     slos = {f"{k}_max": v for k, v in ep.slo.model_dump().items() if v is not None}
-    model_info = model_provenance(wh, lab, ep)
-    bandwidth = bandwidth_for(lab, ep)
-    ceiling = (decode_ceiling_tok_s(bandwidth, model_info["model_bytes"])
-               if bandwidth and model_info.get("model_bytes") else None)
+    # the client/network share of TTFT: llama.cpp reports no queue time, so the probe's round trip it is
+    probe = probe_endpoint(ep, api_key=endpoint_cfg.api_key, probes=5, props=True)
     prov = provenance(lab)
     run_id = uuid.uuid4().hex
-    outcome = RunOutcome(run_id=run_id, endpoint=ep.name, status="running", decode_ceiling_tok_s=ceiling)
+    settings = engine_settings(ep)
+    # one connection for the lookups and the run row: each DuckDB open costs ~20 ms of start-up CPU
     with wh.write() as con:
-        con.execute(
-            "INSERT INTO benchmark_runs (run_id, endpoint, kind, host, base_url, model, served_model_name, "
-            "model_repo_id, model_revision, model_commit_sha, quantization, engine_settings, workload, load_model, "
-            "concurrencies, slos, harness_version, project_git_sha, lab_git_shas, dagster_run_id, trigger, "
-            "started_at, status, gpu_bandwidth_gb_s, model_bytes, decode_ceiling_tok_s) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'running', ?, ?, ?)",
-            [run_id, ep.name, ep.kind, ep.host, ep.base_url, ep.model, ep.served_model_name,
-             model_info.get("model_repo_id"), model_info.get("model_revision"), model_info.get("model_commit_sha"),
-             model_info.get("quantization"), json.dumps(ep.settings, sort_keys=True),
-             json.dumps({"api": cfg.api, "prompt_set": cfg.prompt_set, "max_tokens": tokens,
-                         "ignore_eos": workload.ignore_eos, "min_tokens": workload.min_tokens,
-                         "cache_bust": cfg.cache_bust, "requests_per_step": n,
-                         "warmup_requests": cfg.warmup_requests}, sort_keys=True),
-             "closed-loop concurrency sweep", concurrencies, json.dumps(slos, sort_keys=True), HARNESS_VERSION,
-             prov["project_git_sha"], json.dumps(prov["lab_git_shas"], sort_keys=True), dagster_run_id, trigger,
-             datetime.now(timezone.utc), bandwidth, model_info.get("model_bytes"), ceiling],
-        )
+        model_info = model_provenance(con, lab, ep)
+        ceiling = ceiling_for(con, lab, ep)
+        insert_rows(con, "benchmark_runs", [{
+            "run_id": run_id, "endpoint": ep.name, "kind": ep.kind, "host": ep.host, "base_url": ep.base_url,
+            "model": ep.model, "served_model_name": ep.served_model_name,
+            "model_repo_id": model_info.get("model_repo_id"), "model_revision": model_info.get("model_revision"),
+            "model_commit_sha": model_info.get("model_commit_sha"), "quantization": model_info.get("quantization"),
+            "engine_settings": json.dumps(settings, sort_keys=True),
+            "workload": json.dumps({"api": cfg.api, "prompt_set": cfg.prompt_set, "max_tokens": tokens,
+                                    "ignore_eos": workload.ignore_eos, "min_tokens": workload.min_tokens,
+                                    "cache_bust": cfg.cache_bust, "requests_per_step": n,
+                                    "warmup_requests": cfg.warmup_requests}, sort_keys=True),
+            "load_model": "closed-loop concurrency sweep", "concurrencies": concurrencies,
+            "slos": json.dumps(slos, sort_keys=True), "harness_version": HARNESS_VERSION,
+            "project_git_sha": prov["project_git_sha"], "lab_git_shas": json.dumps(prov["lab_git_shas"], sort_keys=True),
+            "dagster_run_id": dagster_run_id, "trigger": trigger, "started_at": datetime.now(timezone.utc),
+            "status": "running", "gpu_bandwidth_gb_s": ceiling.bandwidth_gb_s, "model_bytes": ceiling.model_bytes,
+            "decode_ceiling_tok_s": ceiling.tok_s, "ceiling_source": ceiling.source,
+            "network_rtt_ms": probe.rtt_p50_ms, "n_gpu_layers": _n_gpu_layers(ep),
+            "server_props": json.dumps(probe.server_props, sort_keys=True) if probe.server_props else None,
+        }])
+    outcome = RunOutcome(run_id=run_id, endpoint=ep.name, status="running", decode_ceiling_tok_s=ceiling.tok_s,
+                         ceiling_source=ceiling.source, network_rtt_ms=probe.rtt_p50_ms)
     dcgm_url = lab.host(ep.host).dcgm_url
+    # the server's own processes are the measurement when it runs here: only the rest is "load"
+    meter = HostLoadMeter(exclude_pids=local_server_pids(ep.base_url))
 
     async def sweep() -> None:
         async with BenchClient(endpoint_cfg, workload, max(s.connections for s in steps), run_id=run_id) as client:
             for index, spec in enumerate(steps):
                 log(f"{ep.name}: step {index + 1}/{len(steps)}: concurrency {spec.concurrency}, "
                     f"{spec.num_requests} requests")
-                result = await run_step(client, spec, progress, scrape=ep.metrics_path is not None)
+                result = await run_step(client, spec, progress, scrape=ep.metrics_path is not None,
+                                        host_meter=meter)
                 dcgm = await _dcgm(client, dcgm_url)
-                row = step_row(index, result, slos, ceiling, dcgm)
-                with wh.write() as con:
-                    _insert(con, "benchmark_steps", run_id, None, [row], STEP_COLUMNS)
-                    _insert(con, "benchmark_requests", run_id, index, [r.to_row() for r in result.records],
-                            REQUEST_COLUMNS)
+                row = step_row(index, result, slos, ceiling.tok_s, dcgm, probe.rtt_p50_ms)
+                store_step(wh, run_id, row, result)
                 outcome.steps.append(row)
+                error_digest(result.records, outcome.errors)
                 log(f"{ep.name}: c={spec.concurrency}: {row['n_ok']}/{row['n_requests']} ok, "
-                    f"TTFT p50 {_ms(row['ttft_ms_p50'])}, {_num(row['output_tokens_per_s'])} tok/s")
+                    f"TTFT p50 {_ms(row['ttft_ms_p50'])}, {_num(row['output_tokens_per_s'])} tok/s"
+                    + (f", {row['retries']} resent after a dead pooled connection" if row["retries"] else ""))
+                if row["n_ok"] == 0:
+                    # nothing answered: the endpoint is down or refuses us, and the next steps would only
+                    # repeat that at a higher concurrency
+                    raise NothingAnswered(describe_errors(outcome.errors))
 
     t0 = time.monotonic()
     try:
         asyncio.run(sweep())
         outcome.status = "complete"
+    except NothingAnswered as exc:
+        outcome.status, outcome.error = "failed", f"no request was answered: {exc}"
     except BaseException as exc:  # noqa: BLE001 - record why, keep the steps, re-raise
         outcome.status, outcome.error = "failed", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         with wh.write() as con:
-            con.execute("UPDATE benchmark_runs SET status = ?, error = ?, finished_at = ? WHERE run_id = ?",
-                        [outcome.status, outcome.error, datetime.now(timezone.utc), run_id])
-        log(f"{ep.name}: run {run_id} {outcome.status} after {time.monotonic() - t0:.1f} s")
+            con.execute("UPDATE benchmark_runs SET status = ?, error = ?, finished_at = ?, errors = ? WHERE run_id = ?",
+                        [outcome.status, outcome.error, datetime.now(timezone.utc),
+                         json.dumps(outcome.errors) if outcome.errors else None, run_id])
+        log(f"{ep.name}: run {run_id} {outcome.status} after {time.monotonic() - t0:.1f} s"
+            + (f": {outcome.error}" if outcome.error else ""))
     return outcome
+
+
+class NothingAnswered(Exception):
+    """A whole step without one answered request: the run stops and is marked failed."""
 
 
 def _ms(v: float | None) -> str:

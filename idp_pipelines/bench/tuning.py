@@ -25,6 +25,7 @@ __all__ = [
     "setting_for",
     "tune_endpoint",
     "latest_sweep",
+    "store_recommendations",
 ]
 
 MAX_ERROR_RATE = 0.01
@@ -220,11 +221,7 @@ def latest_sweep(warehouse: Warehouse, endpoint: str) -> tuple[dict[str, Any], l
 
 def tune_endpoint(warehouse: Warehouse, lab: Lab, endpoint_name: str) -> Recommendation | None:
     """Recommend the endpoint's concurrency setting from its latest complete sweep (None: no sweep yet)."""
-    try:
-        ep = lab.endpoint(endpoint_name)
-    except StopIteration:
-        raise ValueError(f"unknown endpoint {endpoint_name!r}; the lab has "
-                         f"{[e.name for e in lab.endpoints]}") from None
+    ep = lab.endpoint(endpoint_name)  # a LabError naming the file and the fix
     found = latest_sweep(warehouse, endpoint_name)
     if found is None:
         return None
@@ -233,6 +230,8 @@ def tune_endpoint(warehouse: Warehouse, lab: Lab, endpoint_name: str) -> Recomme
     rec.endpoint, rec.run_id, rec.setting = ep.name, run["run_id"], setting_for(ep.kind)
     if rec.setting is not None:
         current = ep.settings.get(rec.setting)
+        if current is None:  # the inventory's typed llama.cpp settings, where it has them
+            current = getattr(getattr(ep, "llamacpp", None), rec.setting, None)
         if current is None and run.get("engine_settings"):
             try:
                 current = json.loads(run["engine_settings"]).get(rec.setting)
@@ -246,3 +245,15 @@ def tune_endpoint(warehouse: Warehouse, lab: Lab, endpoint_name: str) -> Recomme
         rec.notes.append(f"the sweep went above {rec.setting}={rec.current}: the server queued the excess, so "
                          f"the measured steps above {rec.current} reflect queueing, not more batching")
     return rec
+
+
+def store_recommendations(warehouse: Warehouse, recs: list[Recommendation], dagster_run_id: str | None) -> int:
+    """Append the recommendations to ``benchmark_tuning`` (its one writer); returns the row count."""
+    from datetime import datetime, timezone
+
+    from idp_pipelines.warehouse import insert_rows
+
+    now = datetime.now(timezone.utc)
+    with warehouse.write() as con:
+        return insert_rows(con, "benchmark_tuning", [
+            {"tuned_at": now, "dagster_run_id": dagster_run_id, **r.row()} for r in recs])

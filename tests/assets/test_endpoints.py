@@ -2,13 +2,16 @@ from __future__ import annotations
 
 import dagster as dg
 
-from idp_pipelines.assets.endpoints import ENDPOINTS_UP, inference_endpoints
+from idp_pipelines.assets import endpoints
+from idp_pipelines.assets.endpoints import ENDPOINTS_UP
+from idp_pipelines.lab import load_lab
 from idp_pipelines.resources import LabResource, WarehouseResource
 from idp_pipelines.warehouse import Warehouse
 from tests.support import free_port, write_lab
 
 
 def _materialize(lab_file, wh_path):
+    (inference_endpoints,) = endpoints.build(load_lab(lab_file)).assets
     return dg.materialize(
         [inference_endpoints],
         resources={"lab": LabResource(path=str(lab_file)), "warehouse": WarehouseResource(path=str(wh_path))},

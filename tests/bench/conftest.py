@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from idp_pipelines.bench.client import EndpointConfig
-from idp_pipelines.bench.synthetic_server import SyntheticConfig, SyntheticServer
+from idp_pipelines.doubles.synthetic_server import SyntheticConfig, SyntheticServer
 
 API_KEY = "sk-test-not-a-real-key-7f3a9c"
 

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from idp_pipelines.bench.metrics import min_samples_for_percentile
-from idp_pipelines.bench.rpc import RpcLatency, measure_rpc_latency, rpc_target
+from idp_pipelines.bench.rpc import RpcLatency, measure_rpc_latency, rpc_target, store_rpc_latency
 from idp_pipelines.lab import load_lab
 from idp_pipelines.settings import REPO_ROOT
 from idp_pipelines.warehouse import Warehouse
@@ -109,9 +109,8 @@ def test_measures_keepalive_round_trip_with_cis():
     assert isinstance(r, RpcLatency)
     assert (r.probes, r.failures, r.n) == (100, 0, 100)
     assert r.target_url == srv.url + "/health"
-    # every request sleeps 3 ms on the server: nothing can be faster; generous ceiling for a busy machine
-    assert r.min_ms >= 2.9
-    assert 2.9 <= r.p50.value <= 3 + 25
+    # every request sleeps 3 ms on the server: nothing can be faster (how close it gets is make bench's)
+    assert r.min_ms >= 2.9 and r.p50.value >= 2.9
     assert r.p50.lo <= r.p50.value <= r.p50.hi
     assert r.p95.sufficient and r.p95.lo <= r.p95.value <= r.p95.hi
     assert r.min_ms <= r.p50.value <= r.p95.value <= r.max_ms
@@ -135,25 +134,21 @@ def test_row_matches_rpc_latency_table(tmp_path):
     assert row["p95_ms"] is not None and row["p50_lo"] <= row["p50_ms"] <= row["p50_hi"]
     assert len(row["samples_ms"]) == 80 and all(isinstance(x, float) for x in row["samples_ms"])
     wh = Warehouse(tmp_path / "wh.duckdb")
-    with wh.write() as con:
-        cols = ["measured_at", "dagster_run_id", "host", *row]
-        con.execute(f"INSERT INTO rpc_latency ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
-                    ["2026-01-12 10:00:00+00", "dagster-1", "jetson-orin", *row.values()])
+    trend = store_rpc_latency(wh, "jetson-orin", r, "dagster-1")
+    assert len(trend) == 1 and trend[0][1] == row["p50_ms"]
     with wh.read() as con:
-        assert con.execute("SELECT probes, len(samples_ms), p99_ms FROM rpc_latency").fetchone() == (80, 80, None)
+        assert con.execute("SELECT host, dagster_run_id, probes, len(samples_ms), p99_ms FROM rpc_latency"
+                           ).fetchone() == ("jetson-orin", "dagster-1", 80, 80, None)
 
 
 def test_failures_are_counted_when_the_server_stops_midway():
     with HealthServer(delay_s=0.002, stop_after=35) as srv:  # 5 warm-up + 30 probes, then it goes away
-        t0 = time.monotonic()
-        r = measure_rpc_latency(srv.url + "/health", probes=100, warmup=5, timeout_s=2, max_duration_s=20)
-        elapsed = time.monotonic() - t0
-    assert r.probes == 100
+        r = measure_rpc_latency(srv.url + "/health", probes=100, warmup=5, timeout_s=2, max_duration_s=120)
+    assert r.probes == 100 and not r.stopped_early  # refused attempts are counted, not waited out
     assert r.failures + r.n == 100
     assert r.n == 30  # 35 answered requests = 5 warm-up + 30 probes; every later attempt failed
     assert r.failures == 70
-    assert r.errors  # the reason is kept
-    assert elapsed < 15
+    assert r.errors and all("connect" in e or "Error" in e for e in r.errors)  # the reason is kept
     row = r.row()
     assert row["failures"] == r.failures and row["p50_ms"] is not None
 
@@ -178,12 +173,10 @@ def test_llamacpp_without_health_falls_back_to_models():
 
 def test_bounded_by_max_duration():
     with HealthServer(delay_s=0.05) as srv:
-        t0 = time.monotonic()
         r = measure_rpc_latency(srv.url + "/health", probes=1000, warmup=1, interval_s=0.01,
                                 max_duration_s=0.5, connect_probes=1)
-        elapsed = time.monotonic() - t0
-    assert r.stopped_early and r.probes < 1000
-    assert elapsed < 3
+    # each probe takes >= 60 ms (50 ms answer + 10 ms interval): 0.5 s holds at most 9 of them
+    assert r.stopped_early and r.probes <= 9 and len(r.connect_samples_ms) <= 1
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,14 @@ import json
 
 import pytest
 
-from idp_pipelines.bench.tuning import Recommendation, recommend_concurrency, setting_for, tune_endpoint
-from idp_pipelines.lab import load_lab
+from idp_pipelines.bench.tuning import (
+    Recommendation,
+    recommend_concurrency,
+    setting_for,
+    store_recommendations,
+    tune_endpoint,
+)
+from idp_pipelines.lab import LabError, load_lab
 from idp_pipelines.settings import REPO_ROOT
 from idp_pipelines.warehouse import Warehouse
 
@@ -152,8 +158,10 @@ def test_tune_endpoint_reads_latest_complete_multistep_run(wh, lab):
     assert set(row) == {"endpoint", "run_id", "setting", "recommended", "current", "evidence"}
     evidence = json.loads(row["evidence"])
     assert evidence["steps"][3]["reasons"] == ["TTFT p95 180.0 ms > 150 ms"]
-    with wh.write() as con:  # the row fits benchmark_tuning
-        _insert(con, "benchmark_tuning", {"tuned_at": "2026-01-14 03:00:00+00", "dagster_run_id": None, **row})
+    assert store_recommendations(wh, [rec], "dagster-7") == 1  # the core's writer fits benchmark_tuning
+    with wh.read() as con:
+        assert con.execute("SELECT endpoint, setting, recommended, current, dagster_run_id FROM benchmark_tuning"
+                           ).fetchall() == [("vllm-gpu", "max_num_seqs", 4, 32, "dagster-7")]
 
     cpu = tune_endpoint(wh, lab, "llamacpp-cpu")
     assert (cpu.setting, cpu.current, cpu.run_id) == ("parallel", 8, "run-e")
@@ -161,5 +169,5 @@ def test_tune_endpoint_reads_latest_complete_multistep_run(wh, lab):
 
 def test_tune_endpoint_without_data(wh, lab):
     assert tune_endpoint(wh, lab, "jetson-edge") is None
-    with pytest.raises(ValueError, match="unknown endpoint"):
+    with pytest.raises(LabError, match=r"schlimers.yaml: no endpoint named 'nope' in endpoints .* Fix: add it"):
         tune_endpoint(wh, lab, "nope")

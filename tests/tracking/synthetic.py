@@ -106,7 +106,8 @@ def insert_benchmark_run(con, run_id: str, endpoint: str, *, kind: str = "vllm",
             })
     finished = started + timedelta(seconds=30 * len(concurrencies))
     con.execute(
-        "INSERT INTO benchmark_runs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO benchmark_runs ({_migration4_columns(con, 'benchmark_runs', 28)}) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [run_id, endpoint, kind, "schlimers-server", "http://10.0.0.5:8000", model, f"{model}-served",
          "idp-local/tiny-llama", "main", commit_sha, quantization, json.dumps(engine), json.dumps(workload),
          "closed_loop", list(concurrencies), json.dumps(slos), "0.3.1", "a" * 40,
@@ -114,11 +115,19 @@ def insert_benchmark_run(con, run_id: str, endpoint: str, *, kind: str = "vllm",
          started, finished if status == "complete" else None, status,
          None if status == "complete" else "endpoint went away", 360.0, 4_100_000_000, 87.8],
     )
-    con.executemany("INSERT INTO benchmark_steps VALUES (" + ", ".join("?" * 47) + ")", steps)
+    con.executemany(f"INSERT INTO benchmark_steps ({_migration4_columns(con, 'benchmark_steps', 47)}) VALUES ("
+                    + ", ".join("?" * 47) + ")", steps)
     if requests:
         con.register("synthetic_requests", pa.Table.from_pylist(requests))
         con.execute("INSERT INTO benchmark_requests BY NAME SELECT * FROM synthetic_requests")
         con.unregister("synthetic_requests")
+
+
+def _migration4_columns(con, table: str, n: int) -> str:
+    """The table's first n columns: migration 4's, in order (later migrations append columns)."""
+    return ", ".join(c for (c,) in con.execute(
+        "SELECT column_name FROM information_schema.columns WHERE table_name = ? ORDER BY ordinal_position",
+        [table]).fetchall()[:n])
 
 
 def insert_quantization(con, model: str = "tiny-llama", quant_type: str = "Q4_K_M", *,

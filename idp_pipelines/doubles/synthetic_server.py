@@ -52,6 +52,14 @@ class SyntheticConfig:
     drop_every: int = 0  # every Nth request drops the connection mid-stream
     http_status: int = 200  # e.g. 503 to make every request fail before streaming
     prefix_cache_words: int = 8  # emulated prefix cache keyed on the first N prompt words
+    # llama.cpp's llama-server closes the connection after each streamed response while still saying
+    # "Keep-Alive: timeout=5, max=100": emulate it, with the close this many seconds after the response
+    # (a proxy that closes late makes a client that trusts the header wait for the close).
+    close_after_stream_s: float | None = None
+    # Put the server's own clock (perf_counter, the same CLOCK_MONOTONIC as the client's on Linux) in the
+    # first content chunk: "x_stamp": [request parsed, intended first token, first chunk written]. Lets
+    # `make bench` tell a late server from a late client when it takes the TTFT tail apart.
+    stamp: bool = False
 
 
 def _http_chunk(payload: bytes) -> bytes:
@@ -68,7 +76,7 @@ class _State:
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.seen_prefixes: set[str] = set()
-        self.last_keepalive = True
+        self.closes = 0  # connections closed by close_after_stream_s
 
     def metrics_text(self) -> str:
         return (
@@ -169,8 +177,15 @@ async def _route(
             _response(config.http_status, _error_body("injected failure", "server_error", 500))
         )
         return True
-    await _stream(state, config, request, path.endswith("chat/completions"), writer)
-    return state.last_keepalive
+    # per request, not shared state: a drop on one connection must not close another one
+    keep = await _stream(state, config, request, path.endswith("chat/completions"), writer)
+    if keep and config.close_after_stream_s is not None:
+        await writer.drain()
+        if config.close_after_stream_s > 0:
+            await asyncio.sleep(config.close_after_stream_s)
+        state.closes += 1
+        return False
+    return keep
 
 
 async def _stream(
@@ -179,11 +194,12 @@ async def _stream(
     request: dict,
     chat: bool,
     writer: asyncio.StreamWriter,
-) -> None:
+) -> bool:
+    """Stream one response; False when the connection was dropped (not to be used again)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
+    received = time.perf_counter()
     number = state.request_count
-    state.last_keepalive = True
     prompt_text = (
         " ".join(str(m.get("content", "")) for m in request.get("messages", []))
         if chat
@@ -230,9 +246,10 @@ async def _stream(
         ).encode()
         mid = b'","logprobs":null,"finish_reason":'
 
+    keep_alive_header = b"Keep-Alive: timeout=5, max=100\r\n" if config.close_after_stream_s is not None else b""
     writer.write(
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
+        + keep_alive_header + b"Transfer-Encoding: chunked\r\n\r\n"
     )
     state.running += 1
     try:
@@ -256,7 +273,7 @@ async def _stream(
                 err = _error_body("injected mid-stream failure", "server_error", 500)
                 writer.write(_http_chunk(b"data: " + err + b"\n\n"))
                 writer.write(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-                return
+                return True
             if config.drop_every and number % config.drop_every == 0 and i == fail_at:
                 # drain() returns at once below the high-water mark, and abort() discards what is still
                 # buffered: on a busy machine the client then saw no response head at all, not a drop
@@ -264,8 +281,7 @@ async def _stream(
                 while writer.transport.get_write_buffer_size():
                     await asyncio.sleep(0.001)
                 writer.transport.abort()
-                state.last_keepalive = False
-                return
+                return False
             k = min(tpc, n_tokens - sent)
             sent += k
             # chunk i is ready when its last token is: ttft + (sent - 1) * itl
@@ -283,6 +299,9 @@ async def _stream(
                 event = head + text + mid + tail + b"}"
             else:
                 event = head + text + mid + b"null}]}"
+            if config.stamp and i == 0:
+                stamp = [received, received + config.ttft_s + (sent - 1) * config.itl_s, time.perf_counter()]
+                event = event[:-1] + b',"x_stamp":' + json.dumps(stamp).encode() + b"}"
             writer.write(_http_chunk(b"data: " + event + b"\n\n"))
             state.generation_tokens += k
             if writer.transport.get_write_buffer_size() > 65536:
@@ -293,6 +312,7 @@ async def _stream(
                      "choices": [], "usage": usage}
             writer.write(_http_chunk(b"data: " + json.dumps(final).encode() + b"\n\n"))
         writer.write(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        return True
     finally:
         state.running -= 1
 
@@ -363,7 +383,7 @@ def synthetic_server_subprocess(
 ) -> Iterator[tuple[subprocess.Popen, str]]:
     """Run the server in a child process; yields (process, base_url) and stops it after."""
     config = config or SyntheticConfig()
-    cmd = [sys.executable, "-m", "idp_pipelines.bench.synthetic_server", "--port", "0",
+    cmd = [sys.executable, "-m", "idp_pipelines.doubles.synthetic_server", "--port", "0",
            "--config-json", json.dumps(dataclasses.asdict(config))]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     try:
