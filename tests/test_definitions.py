@@ -90,3 +90,23 @@ def test_importing_the_code_location_does_no_io_and_stays_light(tmp_path):
     seconds, heavy = out.stdout.splitlines()
     assert heavy == "[]"  # heavy libraries are imported inside assets, not at load
     assert not (tmp_path / "missing.yaml").exists()
+
+
+def test_every_sensor_and_schedule_runs_by_default_including_declarative_automation():
+    """An asset with an automation condition and no running sensor to evaluate it never moves."""
+    from idp_pipelines.definitions import build_defs
+    from idp_pipelines.lab import load_lab
+
+    repo = build_defs(load_lab(REPO_ROOT / "labs" / "local.yaml")).get_repository_def()
+    status = {s.name: s.default_status for s in [*repo.sensor_defs, *repo.schedule_defs]}
+    assert status["default_automation_condition_sensor"] == dg.DefaultSensorStatus.RUNNING
+    stopped = [name for name, st in status.items() if st.value != "RUNNING"]
+    assert stopped == []
+    automation = next(s for s in repo.sensor_defs if s.name == "default_automation_condition_sensor")
+    assert isinstance(automation, dg.AutomationConditionSensorDefinition)
+    # it evaluates every asset that has a condition (tuning, findings, MLflow, the cache inventory, the notes)
+    graph = repo.asset_graph
+    with_condition = {k for k in graph.materializable_asset_keys if graph.get(k).automation_condition}
+    assert with_condition <= automation.asset_selection.resolve(graph)
+    assert {"benchmark_tuning", "hardware_findings", "mlflow_experiments", "obsidian_notes"} <= {
+        k.to_user_string() for k in with_condition}
