@@ -110,3 +110,27 @@ def test_every_sensor_and_schedule_runs_by_default_including_declarative_automat
     assert with_condition <= automation.asset_selection.resolve(graph)
     assert {"benchmark_tuning", "hardware_findings", "mlflow_experiments", "obsidian_notes"} <= {
         k.to_user_string() for k in with_condition}
+
+
+def test_an_invalid_inventory_is_a_code_location_error_naming_file_field_and_fix(tmp_path):
+    """Loaded as the webserver loads it (workspace.yaml, the code location's loader): the error is the inventory's."""
+    import yaml
+
+    data = yaml.safe_load((REPO_ROOT / "labs" / "local.yaml").read_text())
+    data["endpoints"][0]["model"] = "gpt-5"
+    data["endpoints"][0]["llamacpp"]["paralel"] = 8
+    bad = tmp_path / "mylab.yaml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / "dagster").mkdir()
+    env = {**os.environ, "IDP_LAB": str(bad), "IDP_HOME": str(tmp_path / "home"), "NO_COLOR": "1",
+           "DAGSTER_HOME": str(tmp_path / "dagster")}
+    # workspace.yaml is what `make up`'s webserver loads
+    out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate",
+                          "-w", str(REPO_ROOT / "workspace.yaml")], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert f"Invalid lab inventory {bad}:" in text
+    assert "endpoints[0].llamacpp.paralel: unknown key 'paralel'. Fix: remove it or use one of:" in text
+    assert "Validation for 1 code locations failed" in text
+    assert not (tmp_path / "home").exists()  # loading a broken inventory writes no state
