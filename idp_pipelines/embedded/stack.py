@@ -11,7 +11,6 @@ prints its URLs and leaves it alone.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -28,6 +27,7 @@ from idp_pipelines import llama_tools, settings
 from idp_pipelines.embedded.mlflow_server import server_argv
 from idp_pipelines.embedded.processes import answers, stop_process_group
 from idp_pipelines.lab import Lab, load_lab
+from idp_pipelines.locks import LockTimeout, file_lock
 
 TINY_MODEL_FILE = "tiny-llama-f32.gguf"
 # Assets that measure the lab: the main job runs them after everything else, and what follows them after.
@@ -179,21 +179,21 @@ class Stack:
         out = out or (lambda message: print(message, flush=True))
         self.lab_path, self.home, self.dagster_port, self.out = lab_path, home, dagster_port, out
         self.services: list[Service] = []
-        self._lock_fd: int | None = None
+        self._lock: contextlib.ExitStack | None = None
 
     @property
     def state_file(self) -> Path:
         return self.home / "up.json"
 
     def _acquire(self) -> bool:
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.home / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Take IDP_HOME's up.lock for the life of this stack (False: another `idp up` holds it)."""
+        held = contextlib.ExitStack()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            held.enter_context(file_lock(self.home / "up.lock", timeout_s=0, what="the embedded lab's lock",
+                                         fix="it is already running", holder=f"idp up (pid {os.getpid()})"))
+        except LockTimeout:
             return False
-        self._lock_fd = fd
+        self._lock = held
         return True
 
     def start(self, timeout_s: float = 300.0) -> dict[str, str]:
@@ -309,10 +309,10 @@ class Stack:
         for svc in self.services:
             if svc.proc and not stop_process_group(svc.proc, timeout_s=20):
                 self.out(f"{svc.name} ignored SIGTERM for 20 s and was killed")
-        if self._lock_fd is not None:
+        if self._lock is not None:
             self.state_file.unlink(missing_ok=True)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self._lock.close()
+            self._lock = None
 
     def supervise(self, stages: list[tuple[str, list[str]]] | None = None) -> int:
         """Block until a signal or until a service dies, running the main job's stages one after another;
