@@ -139,6 +139,17 @@ def lab(tmp_path_factory):
         kill_processes_of(str(home))
 
 
+def test_the_embedded_endpoint_is_llama_server_with_the_inventorys_flags(lab):
+    """labs/local.yaml's llamacpp: block: 4 slots of 512 tokens (-c 2048 -np 4), --metrics, the key required."""
+    base = f"http://127.0.0.1:{lab.llama_port}"
+    auth = {"Authorization": f"Bearer {LLAMA_KEY}"}
+    props = httpx.get(f"{base}/props", headers=auth, timeout=30, trust_env=False).json()
+    assert props["total_slots"] == 4 and props["default_generation_settings"]["n_ctx"] == 512
+    metrics = httpx.get(f"{base}/metrics", headers=auth, timeout=30, trust_env=False)
+    assert metrics.status_code == 200 and "llamacpp:prompt_tokens_total" in metrics.text
+    assert httpx.get(f"{base}/props", timeout=30, trust_env=False).status_code == 401
+
+
 def test_a_commit_in_a_watched_repo_becomes_a_line_in_the_days_note(lab):
     # the daemon evaluates automation conditions without anyone switching it on
     assert lab.sensor_status("default_automation_condition_sensor") == "RUNNING"
