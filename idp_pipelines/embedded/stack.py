@@ -86,6 +86,13 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 80
 
 
+def _llama_server() -> Path:
+    try:
+        return llama_tools.tool("llama-server")
+    except llama_tools.LlamaToolsError as exc:
+        raise StackError(str(exc)) from None
+
+
 def ensure_tiny_model(home: Path) -> Path:
     """The embedded endpoint's model, generated once from a fixed seed (deterministic bytes)."""
     from idp_pipelines.embedded.tiny_model import write_tiny_gguf
@@ -138,7 +145,7 @@ def plan_services(lab: Lab, home: Path, dagster_port: int) -> list[Service]:
             env["LLAMA_API_KEY"] = key
         services.append(Service(
             name=f"llama.cpp ({ep.name})",
-            argv=[str(llama_tools.tool("llama-server")), "-m", str(model), "--host", host, "--port", str(port),
+            argv=[str(_llama_server()), "-m", str(model), "--host", host, "--port", str(port),
                   "--alias", ep.served_model_name or ep.model or "model", "--no-webui", *ep.llamacpp.flags()],
             env=env, ready_url=f"{ep.base_url}/health", ui_url=f"{ep.base_url}/v1",
         ))
