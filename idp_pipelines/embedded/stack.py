@@ -187,6 +187,7 @@ class Stack:
         self.lab_path, self.home, self.dagster_port, self.out = lab_path, home, dagster_port, out
         self.services: list[Service] = []
         self._lock: contextlib.ExitStack | None = None
+        self._stopping: str | None = None  # the signal that asked supervise() to stop
 
     @property
     def state_file(self) -> Path:
@@ -298,7 +299,7 @@ class Stack:
                     return out["backfillId"]
                 raise RuntimeError(out.get("message") or out)
             except Exception as exc:  # the code location may still be loading
-                if time.monotonic() > deadline:
+                if self._stopping or time.monotonic() > deadline:
                     self.out(f"could not launch the backfill of {title}: {exc}")
                     return None
                 time.sleep(1.0)
@@ -324,15 +325,13 @@ class Stack:
     def supervise(self, stages: list[tuple[str, list[str]]] | None = None) -> int:
         """Block until a signal or until a service dies, running the main job's stages one after another;
         returns the exit code."""
-        stop = {"why": None}
-
         def on_signal(signum, _frame):
-            stop["why"] = signal.Signals(signum).name
+            self._stopping = signal.Signals(signum).name
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
         pending, current, next_poll = list(stages or []), None, 0.0
-        while stop["why"] is None:
+        while self._stopping is None:
             for svc in self.services:
                 if svc.proc.poll() is not None:
                     self.out(f"{svc.name} exited with code {svc.proc.returncode}; see {svc.log}. Stopping the lab.")
@@ -341,7 +340,7 @@ class Stack:
                 next_poll = time.monotonic() + 2.0
                 current = self._advance_main_job(pending, current)
             time.sleep(0.5)
-        self.out(f"{stop['why']}: stopping the embedded lab")
+        self.out(f"{self._stopping}: stopping the embedded lab")
         return 0
 
     def _advance_main_job(self, pending: list[tuple[str, list[str]]], current: tuple[str, str] | None):
