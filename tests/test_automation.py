@@ -161,7 +161,7 @@ def test_a_commit_in_a_watched_repo_becomes_a_line_in_the_days_note(lab):
 
     _wait(f"the commit {sha[:12]} in {note}", lambda: note.exists() and subject in note.read_text())
     line = next(ln for ln in note.read_text().splitlines() if subject in ln)
-    assert sha[:7] in line or sha[:12] in note.read_text()
+    assert line.startswith("- ") and f"`{sha[:10]}` {subject}" in line and "Lab Owner" in line
 
 
 def test_a_benchmark_run_is_followed_by_tuning_findings_mlflow_and_its_note(lab):
