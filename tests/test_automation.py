@@ -159,7 +159,9 @@ def test_a_commit_in_a_watched_repo_becomes_a_line_in_the_days_note(lab):
     day = dt.datetime.fromtimestamp(int(_git(lab.repo, "log", "-1", "--format=%ct", sha)), dt.timezone.utc).date()
     note = lab.home / "vault" / "Dev Log" / f"{day:%Y-%m-%d}.md"  # labs/local.yaml: UTC, YYYY-MM-DD
 
+    t0 = time.monotonic()
     _wait(f"the commit {sha[:12]} in {note}", lambda: note.exists() and subject in note.read_text())
+    print(f"figure: the commit reached the day's note {time.monotonic() - t0:.0f} s after it was made")
     line = next(ln for ln in note.read_text().splitlines() if subject in ln)
     assert line.startswith("- ") and f"`{sha[:10]}` {subject}" in line and "Lab Owner" in line
 
@@ -167,7 +169,9 @@ def test_a_commit_in_a_watched_repo_becomes_a_line_in_the_days_note(lab):
 def test_a_benchmark_run_is_followed_by_tuning_findings_mlflow_and_its_note(lab):
     before = {a: (lab.latest(a) or {}).get("timestamp") for a in FOLLOWERS}
     backfill = lab.backfill("benchmark_runs", ["local-llamacpp"])
+    t0 = time.monotonic()
     _wait("the benchmark backfill to end", lambda: lab.backfill_status(backfill) not in (None, "REQUESTED"))
+    t_bench = time.monotonic()
     assert lab.backfill_status(backfill) == "COMPLETED_SUCCESS"
     bench = lab.latest("benchmark_runs")
     run_id = next(e["text"] for e in bench["metadataEntries"] if e["label"] == "run_id")
@@ -178,6 +182,7 @@ def test_a_benchmark_run_is_followed_by_tuning_findings_mlflow_and_its_note(lab)
                    for a, m in latest.items())
 
     _wait("benchmark_tuning, hardware_findings, mlflow_experiments and obsidian_notes after the benchmark", followed)
+    print(f"figure: benchmark backfill {t_bench - t0:.0f} s, its followers done {time.monotonic() - t_bench:.0f} s later")
     # what the owner then finds: the recommendation, the verdicts, the MLflow run, the run's note
     tuning = (lab.home / "reports" / "benchmark_tuning.json").read_text()
     assert "local-llamacpp" in tuning and run_id in tuning
