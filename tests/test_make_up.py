@@ -27,6 +27,21 @@ def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
     return r.json()["data"]
 
 
+def _failed_steps(port: int) -> str:
+    """Each failed run's assets and step errors: what a failed stage's assertion shows."""
+    runs = _graphql(port, 'query { runsOrError(filter: {statuses: [FAILURE]}) { ... on Runs { results { runId '
+                          'assetSelection { path } } } } }')["runsOrError"]["results"]
+    out = []
+    for run in runs:
+        logs = _graphql(port, 'query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events { '
+                              '__typename ... on ExecutionStepFailureEvent { stepKey error { message cause { message } } } } } } }',
+                        {"id": run["runId"]})["logsForRun"]["events"]
+        errors = [f"{e['stepKey']}: {(e['error']['cause'] or e['error'])['message'].strip()[:800]}" for e in logs
+                  if e["__typename"] == "ExecutionStepFailureEvent"]
+        out.append(f"run {run['runId'][:8]} {[a['path'] for a in run['assetSelection'] or []]}: " + "; ".join(errors))
+    return "\n".join(out)
+
+
 def _asset_materialized(port: int, path: list[str], partition: str) -> bool:
     query = ("query($key: AssetKeyInput!, $p: [String!]) { assetOrError(assetKey: $key) { ... on Asset { "
              "assetMaterializations(partitions: $p, limit: 1) { partition } } } }")
@@ -63,7 +78,7 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
         ended = re.findall(r"main job: (.+?) ended (\w+)", out)
         assert ended == [("everything but the measurements", "COMPLETED_SUCCESS"),
                          ("the measurements (benchmark_runs, rpc_latency)", "COMPLETED_SUCCESS"),
-                         ("what follows the measurements", "COMPLETED_SUCCESS")], out
+                         ("what follows the measurements", "COMPLETED_SUCCESS")], out + _failed_steps(dagster)
         assert out.index("everything but the measurements ended") < out.index("main job: the measurements (")
         assert _asset_materialized(dagster, ["gguf_model"], "tiny-llama")
         # what the owner then finds: this repo's commits as dev-log notes, the sweep in MLflow
