@@ -17,7 +17,12 @@ install: system-deps $(STAMP) llama-cpp
 # llama.cpp's own llama-server / llama-quantize, built once per machine into a cache
 # outside the checkout (fresh clones and CI reuse it); the script says when it compiles and how long.
 llama-cpp: system-deps
-	@PYTHON=$(PYTHON) scripts/build-llama-cpp.sh >/dev/null
+	@dir=$$(scripts/build-llama-cpp.sh --dir); \
+	if [ ! -x "$$dir/llama-server" ]; then \
+	  echo "llama.cpp's llama-server and llama-quantize are not built on this machine yet: compiling them once"; \
+	  echo "(20-40 min on two cores; every later make, and every fresh clone here, reuses $$dir)"; \
+	fi; \
+	PYTHON=$(PYTHON) scripts/build-llama-cpp.sh >/dev/null
 
 system-deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

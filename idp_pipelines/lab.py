@@ -23,6 +23,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from idp_pipelines import settings
@@ -93,6 +94,61 @@ class Slo(_Strict):
     e2e_ms: float | None = Field(default=None, gt=0)
 
 
+# Worst-case prompt tokens per benchmark prompt set: one token per byte (a byte-fallback tokenizer, as the
+# tiny model's) of its longest prompt, plus 64 for the cache-busting prefix. tests/test_lab.py checks
+# them against bench.suite.PROMPT_SETS, so a longer prompt cannot outgrow a slot unnoticed.
+PROMPT_TOKEN_BUDGET = {"short": 96, "default": 160, "long": 1280}
+
+
+class LlamaCppServer(_Strict):
+    """llama.cpp's `llama-server` flags, typed (names are its long options with '_' for '-').
+
+    A misspelt flag is an inventory error naming the field; a flag not modelled here goes in `extra_args`.
+    """
+
+    ctx_size: int | None = Field(default=None, ge=0)        # -c: the whole KV cache, split across the slots
+    parallel: int | None = Field(default=None, ge=1)        # -np: slots (llama-server's default is 4, unified KV)
+    threads: int | None = Field(default=None, ge=1)         # -t
+    threads_batch: int | None = Field(default=None, ge=1)   # -tb (prompt processing)
+    cont_batching: bool = True                              # -cb / -nocb
+    metrics: bool = True                                    # --metrics: the Prometheus endpoint the harness scrapes
+    cache_ram: int | None = Field(default=None, ge=-1)      # -cram, MiB of host-RAM prompt cache (0 off, -1 no limit)
+    n_gpu_layers: int | Literal["auto", "all"] | None = None  # -ngl: layers offloaded (0: all on the CPU)
+    batch_size: int | None = Field(default=None, ge=1)      # -b
+    ubatch_size: int | None = Field(default=None, ge=1)     # -ub
+    flash_attn: Literal["on", "off", "auto"] | None = None  # -fa
+    kv_unified: bool | None = None                          # -kvu / -no-kvu
+    extra_args: list[str] = Field(default_factory=list)     # passed verbatim, after the typed flags
+
+    def ctx_per_slot(self) -> int | None:
+        """Context each slot gets: llama.cpp splits -c evenly across -np slots, rounded up to 256
+        (src/llama-context.cpp), unless the KV cache is unified (then a slot may use all of it)."""
+        if not self.ctx_size or self.kv_unified:
+            return self.ctx_size or None
+        per = -(-self.ctx_size // (self.parallel or 1))
+        return -(-per // 256) * 256
+
+    def flags(self) -> list[str]:
+        """The command-line flags for llama-server, in a stable order."""
+        out: list[str] = []
+        for flag, value in (("-c", self.ctx_size), ("-np", self.parallel), ("-t", self.threads),
+                            ("-tb", self.threads_batch), ("-cram", self.cache_ram), ("-ngl", self.n_gpu_layers),
+                            ("-b", self.batch_size), ("-ub", self.ubatch_size), ("-fa", self.flash_attn)):
+            if value is not None:
+                out += [flag, str(value)]
+        out.append("--cont-batching" if self.cont_batching else "--no-cont-batching")
+        if self.metrics:
+            out.append("--metrics")
+        if self.kv_unified is not None:
+            out.append("--kv-unified" if self.kv_unified else "--no-kv-unified")
+        return out + list(self.extra_args)
+
+    def recorded(self) -> dict[str, int | float | str | bool]:
+        """The typed settings as a flat record (what benchmarks store with the endpoint's settings)."""
+        return {k: v for k, v in self.model_dump(exclude={"extra_args"}).items() if v is not None} | (
+            {"extra_args": " ".join(self.extra_args)} if self.extra_args else {})
+
+
 class Endpoint(_Strict):
     name: Name
     kind: Literal["vllm", "llamacpp", "triton", "openai"]
@@ -104,16 +160,34 @@ class Endpoint(_Strict):
     required: bool = True
     embedded: bool = False
     metrics_path: str | None = "/metrics"
+    # Free-form engine settings, recorded with every benchmark (vLLM's max_num_seqs, ...): the escape hatch
+    # for what is not typed. A llama.cpp endpoint's server flags are typed under `llamacpp:` and folded in
+    # here too, so whoever reads `settings` sees what the server runs with.
     settings: dict[str, int | float | str | bool] = Field(default_factory=dict)
+    llamacpp: LlamaCppServer | None = None
     slo: Slo = Field(default_factory=Slo)
     concurrency: list[int] | None = None  # the sweep for this endpoint (default: benchmarks.concurrency)
     # The roofline's bytes per decoded token: the weights the server reads for each token. Given here, or
     # read from model_file (the GGUF the server loads), or from the model's last download/quantization.
     model_bytes: int | None = Field(default=None, gt=0)
     model_file: LabPath | None = None
-    # llama.cpp's --n-gpu-layers: 0 = CPU only (the CPU's memory bandwidth bounds decode), -1 = all on the
-    # GPU. On a host with a GPU it must be given: the ceiling follows it and is never guessed.
-    n_gpu_layers: int | None = Field(default=None, ge=-1)
+
+    @model_validator(mode="after")
+    def _typed_llamacpp(self) -> Endpoint:
+        if self.llamacpp is not None and self.kind != "llamacpp":
+            raise ValueError(f"llamacpp: holds llama-server flags, but this endpoint's kind is {self.kind!r}. "
+                             f"Fix: remove the llamacpp: block, or set kind: llamacpp.")
+        if self.kind != "llamacpp":
+            return self
+        typed = self.llamacpp or LlamaCppServer()
+        clash = sorted(set(self.settings) & set(LlamaCppServer.model_fields))
+        if clash:
+            raise ValueError(f"settings.{clash[0]} is a llama-server flag with a typed field. Fix: move "
+                             f"{', '.join(clash)} from settings: to llamacpp: (e.g. llamacpp: {{{clash[0]}: ...}}).")
+        # frozen model: set once, here, while it is being built
+        object.__setattr__(self, "llamacpp", typed)
+        object.__setattr__(self, "settings", {**self.settings, **typed.recorded()})
+        return self
 
     @field_validator("base_url")
     @classmethod
@@ -366,6 +440,8 @@ def _fix_for(err: dict[str, Any]) -> str:
         }
         hint = hints.get(str(field), "a URL like http://host:port" if "url" in str(field) or "uri" in str(field) or field == "endpoint" else "see labs/local.yaml")
         return f"{err['input']!r} is not valid. Fix: use {hint}."
+    if kind == "value_error":  # our validators write the whole message, fix included
+        return str(err["ctx"]["error"])
     if kind == "literal_error":
         return f"{err['msg']}; got {err['input']!r}. Fix: use one of the listed values."
     got = err.get("input")
@@ -404,6 +480,26 @@ def _cross_references(lab: Lab) -> list[str]:
     for i, ep in enumerate(lab.endpoints):
         ref(ep.host, hosts, "host", f"endpoints[{i}].host")
         ref(ep.model, models, "model", f"endpoints[{i}].model")
+    for i, ep in enumerate(lab.endpoints):
+        server = ep.llamacpp
+        if server is None:
+            continue
+        per_slot, need = server.ctx_per_slot(), lab.benchmarks.max_tokens + PROMPT_TOKEN_BUDGET[lab.benchmarks.prompt_set]
+        if per_slot is not None and per_slot < need:
+            problems.append(
+                f"endpoints[{i}].llamacpp.ctx_size: {server.ctx_size} split across {server.parallel or 1} slot(s) "
+                f"gives each {per_slot} tokens, but a benchmark request needs up to {need} (benchmarks.max_tokens "
+                f"{lab.benchmarks.max_tokens} + {PROMPT_TOKEN_BUDGET[lab.benchmarks.prompt_set]} for the "
+                f"{lab.benchmarks.prompt_set!r} prompts). Fix: raise ctx_size to at least "
+                f"{need * (server.parallel or 1)} or lower parallel."
+            )
+        cpu = next((h.cpu for h in lab.hosts if h.name == ep.host), None)
+        for field in ("threads", "threads_batch"):
+            value = getattr(server, field)
+            if cpu is not None and value is not None and value > cpu.threads:
+                problems.append(
+                    f"endpoints[{i}].llamacpp.{field}: {value} is more than the {cpu.threads} hardware threads of "
+                    f"host {ep.host!r}. Fix: use at most {cpu.threads} (hosts[].cpu.threads).")
     for i, m in enumerate(lab.models):
         for j, h in enumerate(m.serve_on):
             ref(h, hosts, "host", f"models[{i}].serve_on[{j}]")

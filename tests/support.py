@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,3 +51,42 @@ def write_lab(path: Path, *, endpoint_url: str | None = None, mlflow_url: str | 
         data[key] = value
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def read_until(proc: subprocess.Popen, pattern: str, timeout_s: float, lines: list[str]) -> re.Match:
+    """Read `proc`'s text stdout line by line (into `lines`) until `pattern` matches; fail with the output."""
+    deadline = time.monotonic() + timeout_s
+    rx = re.compile(pattern)
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if m := rx.search(line):
+            return m
+    raise AssertionError(f"{pattern!r} not seen within {timeout_s} s; output:\n" + "".join(lines))
+
+
+def processes_of(home: str) -> list[int]:
+    """Live processes started with IDP_HOME=`home` (what a stopped lab must not leave behind)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "environ", "status"]):
+        try:
+            if (p.info.get("environ") or {}).get("IDP_HOME") == home and p.info["status"] != psutil.STATUS_ZOMBIE:
+                pids.append(p.info["pid"])
+        except psutil.Error:
+            pass
+    return pids
+
+
+def kill_processes_of(home: str) -> None:
+    """The last resort of a failing test: SIGKILL whatever still runs with IDP_HOME=`home`."""
+    import psutil
+
+    for pid in processes_of(home):
+        with contextlib.suppress(psutil.Error):
+            psutil.Process(pid).kill()

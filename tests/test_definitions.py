@@ -90,3 +90,47 @@ def test_importing_the_code_location_does_no_io_and_stays_light(tmp_path):
     seconds, heavy = out.stdout.splitlines()
     assert heavy == "[]"  # heavy libraries are imported inside assets, not at load
     assert not (tmp_path / "missing.yaml").exists()
+
+
+def test_every_sensor_and_schedule_runs_by_default_including_declarative_automation():
+    """An asset with an automation condition and no running sensor to evaluate it never moves."""
+    from idp_pipelines.definitions import build_defs
+    from idp_pipelines.lab import load_lab
+
+    repo = build_defs(load_lab(REPO_ROOT / "labs" / "local.yaml")).get_repository_def()
+    status = {s.name: s.default_status for s in [*repo.sensor_defs, *repo.schedule_defs]}
+    assert status["default_automation_condition_sensor"] == dg.DefaultSensorStatus.RUNNING
+    stopped = [name for name, st in status.items() if st.value != "RUNNING"]
+    assert stopped == []
+    automation = next(s for s in repo.sensor_defs if s.name == "default_automation_condition_sensor")
+    assert isinstance(automation, dg.AutomationConditionSensorDefinition)
+    # it evaluates every asset that has a condition (tuning, findings, MLflow, the cache inventory, the notes)
+    graph = repo.asset_graph
+    with_condition = {k for k in graph.materializable_asset_keys if graph.get(k).automation_condition}
+    assert with_condition <= automation.asset_selection.resolve(graph)
+    assert {"benchmark_tuning", "hardware_findings", "mlflow_experiments", "obsidian_notes"} <= {
+        k.to_user_string() for k in with_condition}
+
+
+def test_an_invalid_inventory_is_a_code_location_error_naming_file_field_and_fix(tmp_path):
+    """Loaded as the webserver loads it (workspace.yaml, the code location's loader): the error is the inventory's."""
+    import yaml
+
+    data = yaml.safe_load((REPO_ROOT / "labs" / "local.yaml").read_text())
+    data["endpoints"][0]["model"] = "gpt-5"
+    data["endpoints"][0]["llamacpp"]["paralel"] = 8
+    bad = tmp_path / "mylab.yaml"
+    bad.write_text(yaml.safe_dump(data, sort_keys=False))
+    (tmp_path / "dagster").mkdir()
+    env = {**os.environ, "IDP_LAB": str(bad), "IDP_HOME": str(tmp_path / "home"), "NO_COLOR": "1",
+           "DAGSTER_HOME": str(tmp_path / "dagster")}
+    # workspace.yaml is what `make up`'s webserver loads
+    out = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate",
+                          "-w", str(REPO_ROOT / "workspace.yaml")], cwd=REPO_ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    text = out.stdout + out.stderr
+    assert out.returncode != 0, text
+    assert f"Invalid lab inventory {bad}:" in text
+    assert "endpoints[0].llamacpp.paralel: unknown key 'paralel'. Fix: remove it or use one of:" in text
+    assert "Validation for 1 code locations failed" in text
+    assert not (tmp_path / "home").exists()  # loading a broken inventory writes no state

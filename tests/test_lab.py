@@ -137,3 +137,68 @@ def test_lab_check_cli(tmp_path, capsys):
     bad = _mutated(tmp_path, lambda d: d["endpoints"][0].update(model="gpt-5"))
     assert idp(["lab-check", str(bad)]) == 2
     assert "unknown model 'gpt-5'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ llama.cpp's server flags, typed
+
+
+def test_llamacpp_flags_are_typed_and_recorded_in_settings():
+    ep = load_lab(LOCAL).endpoint("local-llamacpp")
+    assert ep.llamacpp.flags() == ["-c", "2048", "-np", "4", "-t", "2", "-tb", "2", "-ngl", "0",
+                                   "--cont-batching", "--metrics"]
+    # what benchmarks record with the endpoint (and what tuning reads as the current -np)
+    assert ep.settings["parallel"] == 4 and ep.settings["ctx_size"] == 2048 and ep.settings["n_gpu_layers"] == 0
+    seed = load_lab(SCHLIMERS).endpoint("llamacpp-cpu").llamacpp
+    assert (seed.ctx_size, seed.parallel, seed.threads, seed.cont_batching) == (8192, 8, 10, True)
+
+
+def test_llamacpp_context_is_split_across_slots_like_llama_cpp_does():
+    from idp_pipelines.lab import LlamaCppServer
+
+    # src/llama-context.cpp: n_ctx_seq = n_ctx / n_seq_max, padded up to 256; a unified KV cache is shared
+    assert LlamaCppServer(ctx_size=2048, parallel=4).ctx_per_slot() == 512
+    assert LlamaCppServer(ctx_size=512, parallel=4).ctx_per_slot() == 256
+    assert LlamaCppServer(ctx_size=8192, parallel=8).ctx_per_slot() == 1024
+    assert LlamaCppServer(ctx_size=2048, parallel=4, kv_unified=True).ctx_per_slot() == 2048
+
+
+def test_prompt_budget_covers_every_benchmark_prompt():
+    from idp_pipelines.bench.suite import PROMPT_SETS
+    from idp_pipelines.lab import PROMPT_TOKEN_BUDGET
+
+    assert set(PROMPT_TOKEN_BUDGET) == set(PROMPT_SETS)
+    for name, prompts in PROMPT_SETS.items():
+        assert max(len(p.encode()) for p in prompts) + 64 <= PROMPT_TOKEN_BUDGET[name], name
+
+
+def test_misspelt_llamacpp_flag_names_the_field(tmp_path):
+    path = _mutated(tmp_path, lambda d: d["endpoints"][0]["llamacpp"].update(paralel=8))
+    msg = _error(path)
+    assert "endpoints[0].llamacpp.paralel: unknown key 'paralel'" in msg and "parallel" in msg
+
+
+def test_llamacpp_flag_left_in_settings_says_where_it_goes(tmp_path):
+    path = _mutated(tmp_path, lambda d: d["endpoints"][0].update(settings={"parallel": 8}))
+    msg = _error(path)
+    assert "endpoints[0]: settings.parallel is a llama-server flag with a typed field" in msg
+    assert "Fix: move parallel from settings: to llamacpp:" in msg
+
+
+def test_llamacpp_block_on_another_engine_is_an_error(tmp_path):
+    path = _mutated(tmp_path, lambda d: d["endpoints"][0].update(kind="vllm"))
+    msg = _error(path)
+    assert "endpoints[0]: llamacpp: holds llama-server flags, but this endpoint's kind is 'vllm'" in msg
+
+
+def test_slot_too_small_for_the_benchmark_is_an_error(tmp_path):
+    path = _mutated(tmp_path, lambda d: (d["endpoints"][0]["llamacpp"].update(ctx_size=512, parallel=4),
+                                         d["benchmarks"].update(max_tokens=200)))
+    msg = _error(path)
+    assert ("endpoints[0].llamacpp.ctx_size: 512 split across 4 slot(s) gives each 256 tokens, but a benchmark "
+            "request needs up to 360") in msg and "Fix: raise ctx_size to at least 1440 or lower parallel" in msg
+
+
+def test_more_threads_than_the_host_has_is_an_error(tmp_path):
+    path = _mutated(tmp_path, lambda d: d["endpoints"][0]["llamacpp"].update(threads_batch=64))
+    msg = _error(path)
+    assert "endpoints[0].llamacpp.threads_batch: 64 is more than the 2 hardware threads of host 'localhost'" in msg

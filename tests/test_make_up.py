@@ -6,7 +6,9 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 
 import httpx
@@ -14,24 +16,9 @@ import psutil
 import pytest
 
 from idp_pipelines.settings import REPO_ROOT
-from tests.support import free_port, write_lab
+from tests.support import free_port, kill_processes_of, processes_of, read_until, write_lab
 
 pytestmark = pytest.mark.slow
-
-
-def _read_until(proc: subprocess.Popen, pattern: str, timeout_s: float, lines: list[str]) -> re.Match:
-    deadline = time.monotonic() + timeout_s
-    rx = re.compile(pattern)
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            if proc.poll() is not None:
-                break
-            continue
-        lines.append(line)
-        if m := rx.search(line):
-            return m
-    raise AssertionError(f"{pattern!r} not seen within {timeout_s} s; output:\n" + "".join(lines))
 
 
 def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
@@ -40,16 +27,19 @@ def _graphql(port: int, query: str, variables: dict | None = None) -> dict:
     return r.json()["data"]
 
 
-def _backfill_status(port: int, backfill_id: str, timeout_s: float) -> str:
-    query = "query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"
-    deadline = time.monotonic() + timeout_s
-    status = None
-    while time.monotonic() < deadline:
-        status = _graphql(port, query, {"id": backfill_id})["partitionBackfillOrError"].get("status")
-        if status not in (None, "REQUESTED", "CANCELING", "FAILING"):
-            return status
-        time.sleep(2)
-    return f"still {status} after {timeout_s} s"
+def _failed_steps(port: int) -> str:
+    """Each failed run's assets and step errors: what a failed stage's assertion shows."""
+    runs = _graphql(port, 'query { runsOrError(filter: {statuses: [FAILURE]}) { ... on Runs { results { runId '
+                          'assetSelection { path } } } } }')["runsOrError"]["results"]
+    out = []
+    for run in runs:
+        logs = _graphql(port, 'query($id: ID!) { logsForRun(runId: $id) { ... on EventConnection { events { '
+                              '__typename ... on ExecutionStepFailureEvent { stepKey error { message cause { message } } } } } } }',
+                        {"id": run["runId"]})["logsForRun"]["events"]
+        errors = [f"{e['stepKey']}: {(e['error']['cause'] or e['error'])['message'].strip()[:800]}" for e in logs
+                  if e["__typename"] == "ExecutionStepFailureEvent"]
+        out.append(f"run {run['runId'][:8]} {[a['path'] for a in run['assetSelection'] or []]}: " + "; ".join(errors))
+    return "\n".join(out)
 
 
 def _asset_materialized(port: int, path: list[str], partition: str) -> bool:
@@ -59,6 +49,7 @@ def _asset_materialized(port: int, path: list[str], partition: str) -> bool:
     return bool(data["assetOrError"]["assetMaterializations"])
 
 
+@pytest.mark.timeout(2400)
 def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
     llama, mlflow, dagster, hub = free_port(), free_port(), free_port(), free_port()
     lab = write_lab(tmp_path / "lab.yaml", endpoint_url=f"http://127.0.0.1:{llama}",
@@ -71,7 +62,7 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     lines: list[str] = []
     try:
-        _read_until(proc, r"Ctrl-C stops everything", 400, lines)
+        read_until(proc, r"Ctrl-C stops everything", 400, lines)
         out = "".join(lines)
         pids = [int(p) for p in re.findall(r"\(pid (\d+),", out)]
         assert len(pids) == 4
@@ -80,9 +71,15 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
             assert url.split("/")[2] in out  # its host:port is printed
             assert httpx.get(url, timeout=10).status_code == 200
 
-        # the main job (every asset, every partition) materialises end to end against the embedded lab
-        backfill = re.search(r"first materialisation\s+\S+/runs/b/(\w+)", out).group(1)
-        assert _backfill_status(dagster, backfill, timeout_s=300) == "COMPLETED_SUCCESS"
+        # the main job (every asset, every partition) materialises end to end against the embedded lab, the
+        # measurements once everything else has ended, what follows them after
+        read_until(proc, r"main job: done", 1200, lines)
+        out = "".join(lines)
+        ended = re.findall(r"main job: (.+?) ended (\w+)", out)
+        assert ended == [("everything but the measurements", "COMPLETED_SUCCESS"),
+                         ("the measurements (benchmark_runs, rpc_latency)", "COMPLETED_SUCCESS"),
+                         ("what follows the measurements", "COMPLETED_SUCCESS")], out + _failed_steps(dagster)
+        assert out.index("everything but the measurements ended") < out.index("main job: the measurements (")
         assert _asset_materialized(dagster, ["gguf_model"], "tiny-llama")
         # what the owner then finds: this repo's commits as dev-log notes, the sweep in MLflow
         home = tmp_path / "home"
@@ -110,17 +107,67 @@ def test_make_up_starts_the_lab_and_ctrl_c_stops_it(tmp_path):
         time.sleep(0.5)
         alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
         assert alive == []
-        leftovers = [p.info["pid"] for p in psutil.process_iter(["pid", "environ"])
-                     if (p.info.get("environ") or {}).get("IDP_HOME") == env["IDP_HOME"]]
-        assert leftovers == []
+        assert processes_of(env["IDP_HOME"]) == []
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"http://127.0.0.1:{dagster}/server_info", timeout=5)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for p in psutil.process_iter(["pid", "environ"]):
-            try:
-                if (p.info.get("environ") or {}).get("IDP_HOME") == env["IDP_HOME"]:
-                    p.kill()
-            except psutil.Error:
-                pass
+        kill_processes_of(env["IDP_HOME"])
+
+
+def _idp_up(tmp_path, *, dagster: int, lab_ports: dict[str, int]) -> tuple[subprocess.Popen, dict[str, str]]:
+    lab = write_lab(tmp_path / "lab.yaml", endpoint_url=f"http://127.0.0.1:{lab_ports['llama']}",
+                    mlflow_url=f"http://127.0.0.1:{lab_ports['mlflow']}", hub_url=f"http://127.0.0.1:{lab_ports['hub']}")
+    env = {**os.environ, "IDP_HOME": str(tmp_path / "home"), "IDP_LAB": str(lab), "IDP_DAGSTER_PORT": str(dagster),
+           "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "idp_pipelines.cli", "up", "--no-run"], cwd=REPO_ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return proc, env
+
+
+def test_a_port_already_taken_is_an_error_naming_the_port_and_where_to_change_it(tmp_path):
+    ports = {"llama": free_port(), "mlflow": free_port(), "hub": free_port()}
+    dagster = free_port()
+    with socket.socket() as taken:  # another program listening on the lab's MLflow port
+        taken.bind(("127.0.0.1", ports["mlflow"]))
+        taken.listen()
+        proc, env = _idp_up(tmp_path, dagster=dagster, lab_ports=ports)
+        try:
+            out, _ = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            kill_processes_of(env["IDP_HOME"])
+    assert proc.returncode == 1, out
+    assert (f"error: MLflow cannot start: 127.0.0.1:{ports['mlflow']} is already in use by another program. "
+            f"Fix: stop it, or change the port ({tmp_path / 'lab.yaml'}).") in out
+    assert "started" not in out  # checked before anything starts: nothing to clean up
+    # the Dagster port names the variable that sets it
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", dagster))
+        taken.listen()
+        proc, env = _idp_up(tmp_path, dagster=dagster, lab_ports=ports)
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1 and f"127.0.0.1:{dagster} is already in use" in out and "IDP_DAGSTER_PORT" in out
+
+
+def test_sigterm_during_start_up_stops_everything(tmp_path):
+    ports = {"llama": free_port(), "mlflow": free_port(), "hub": free_port()}
+    proc, env = _idp_up(tmp_path, dagster=free_port(), lab_ports=ports)
+    lines: list[str] = []
+    try:
+        read_until(proc, r"started Dagster \(pid \d+", 300, lines)  # every service started, none ready yet
+        pids = [int(p) for p in re.findall(r"\(pid (\d+),", "".join(lines))]
+        assert len(pids) == 4 and "Ctrl-C stops everything" not in "".join(lines)
+        proc.send_signal(signal.SIGTERM)  # what a service manager (or `kill`) sends to the launcher
+        rest, _ = proc.communicate(timeout=120)
+        assert "stopped." in rest and "was killed" not in rest
+        assert proc.returncode != 0
+        time.sleep(0.5)
+        assert [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE] == []
+        assert processes_of(env["IDP_HOME"]) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        kill_processes_of(env["IDP_HOME"])

@@ -1,10 +1,14 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import subprocess
+import sys
 
 import duckdb
 import pytest
 
+from idp_pipelines.settings import REPO_ROOT
 from idp_pipelines.warehouse import MIGRATIONS, Warehouse, WarehouseError
 
 ROWS_PER_WRITER = 150
@@ -33,8 +37,10 @@ def test_two_processes_writing_at_once_lose_no_rows(tmp_path):
         p.join(timeout=240)
         assert p.exitcode == 0
     with Warehouse(path).read() as con:
-        counts = dict(con.execute("SELECT endpoint, count(DISTINCT probes) FROM endpoint_probes GROUP BY 1").fetchall())
-    assert counts == {"writer-1": ROWS_PER_WRITER, "writer-2": ROWS_PER_WRITER}
+        counts = con.execute("SELECT endpoint, count(*), count(DISTINCT probes) FROM endpoint_probes "
+                             "GROUP BY 1 ORDER BY 1").fetchall()
+    # every row once: none lost, none written twice
+    assert counts == [("writer-1", ROWS_PER_WRITER, ROWS_PER_WRITER), ("writer-2", ROWS_PER_WRITER, ROWS_PER_WRITER)]
 
 
 def test_schema_created_once_and_readers_are_read_only(tmp_path):
@@ -43,9 +49,17 @@ def test_schema_created_once_and_readers_are_read_only(tmp_path):
     with wh.read() as con:
         with pytest.raises(duckdb.Error, match="read-only"):
             con.execute("DELETE FROM endpoint_probes")
-    # a second process (a new Warehouse object) finds the schema in place and migrates nothing
-    with Warehouse(tmp_path / "wh.duckdb").read() as con:
-        assert con.execute("SELECT count(*) FROM schema_migrations").fetchone()[0] == len(MIGRATIONS)
+        applied = con.execute("SELECT version, applied_at FROM schema_migrations ORDER BY 1").fetchall()
+    # a second process finds the schema in place and migrates nothing (every migration keeps its first time)
+    code = ("import sys; from idp_pipelines.warehouse import Warehouse; wh = Warehouse(sys.argv[1]); "
+            "print(wh.schema_version())")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "wh.duckdb")], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == MIGRATIONS[-1][0]
+    with wh.read() as con:
+        assert con.execute("SELECT version, applied_at FROM schema_migrations ORDER BY 1").fetchall() == applied
+    assert len(applied) == len(MIGRATIONS)
 
 
 def test_failed_write_rolls_back_and_keeps_earlier_rows(tmp_path):

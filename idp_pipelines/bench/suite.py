@@ -131,10 +131,12 @@ class Ceiling:
 
 
 def _n_gpu_layers(ep: Endpoint) -> int | None:
-    if ep.n_gpu_layers is not None:
-        return ep.n_gpu_layers
-    raw = ep.settings.get("n_gpu_layers")
-    return int(raw) if raw is not None else None
+    """llama.cpp's offload from the typed `llamacpp.n_gpu_layers` ("all" is every layer, -1); None when unset
+    or "auto" (llama.cpp then decides by free VRAM: the ceiling cannot know it)."""
+    raw = ep.llamacpp.n_gpu_layers if ep.llamacpp is not None else None
+    if raw == "all":
+        return -1
+    return raw if isinstance(raw, int) else None
 
 
 def _gguf_layers(path: Path) -> int | None:
@@ -167,7 +169,7 @@ def bandwidth_for(lab: Lab, ep: Endpoint, model_file: Path | None = None) -> tup
     ngl = _n_gpu_layers(ep)
     if ngl is None and host.gpu is not None:
         return None, (f"llama.cpp on {ep.host}, which has a GPU, without n_gpu_layers: set "
-                      f"endpoints[{ep.name}].n_gpu_layers (0 = CPU only, -1 = every layer on the GPU)")
+                      f"endpoints[{ep.name}].llamacpp.n_gpu_layers (0 = CPU only, -1 = every layer on the GPU)")
     if not ngl:
         return (cpu_bw, f"{where}.cpu.memory_bandwidth_gb_s (n_gpu_layers 0)") if cpu_bw else (
             None, f"no {where}.cpu.memory_bandwidth_gb_s in the inventory")
@@ -238,11 +240,8 @@ def engine_settings(ep: Endpoint) -> dict[str, Any]:
     """What the inventory says the server runs with: its settings and, where the inventory types them,
     the llama.cpp server's settings (slots, context, cache_ram)."""
     out: dict[str, Any] = dict(ep.settings)
-    typed = getattr(ep, "llamacpp", None)
-    if typed is not None and hasattr(typed, "model_dump"):
-        out["llamacpp"] = typed.model_dump(mode="json")
-    if ep.n_gpu_layers is not None:
-        out["n_gpu_layers"] = ep.n_gpu_layers
+    if ep.llamacpp is not None:
+        out["llamacpp"] = ep.llamacpp.model_dump(mode="json")
     return out
 
 

@@ -1,16 +1,16 @@
 """`idp up`: start the embedded lab (llama.cpp server, MLflow server, Dagster) and keep it running.
 
 Each service runs in its own process group with its log under $IDP_HOME/logs. The launcher waits until
-every service answers, prints the URLs, starts the main job (a backfill of every asset and every
-partition, what the UI's "Materialize all" does), and on Ctrl-C (SIGINT) or
-SIGTERM stops everything it started. A second `idp up` on the same IDP_HOME finds the first one's lock,
+every service answers, prints the URLs, starts the main job (every asset and every partition, what the
+UI's "Materialize all" does, in three backfills: everything but the measurements, then the
+measurements, then what follows them, so a benchmark does not share the cores with the first
+materialisation), and on Ctrl-C (SIGINT) or SIGTERM stops everything it started. A second `idp up` on the same IDP_HOME finds the first one's lock,
 prints its URLs and leaves it alone.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -23,12 +23,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from idp_pipelines import settings
+from idp_pipelines import llama_tools, settings
 from idp_pipelines.embedded.mlflow_server import server_argv
 from idp_pipelines.embedded.processes import answers, stop_process_group
 from idp_pipelines.lab import Lab, load_lab
+from idp_pipelines.locks import LockTimeout, file_lock
 
 TINY_MODEL_FILE = "tiny-llama-f32.gguf"
+# Assets that measure the lab: the main job runs them after everything else, and what follows them after.
+MEASUREMENT_ASSETS = ("benchmark_runs", "rpc_latency")
+
+LAUNCH_BACKFILL = """
+mutation($backfillParams: LaunchBackfillParams!) {
+  launchPartitionBackfill(backfillParams: $backfillParams) {
+    __typename
+    ... on LaunchBackfillSuccess { backfillId }
+    ... on PythonError { message }
+    ... on PartitionSetNotFoundError { message }
+    ... on PartitionKeysNotFoundError { message }
+    ... on UnauthorizedError { message }
+  }
+}"""
+BACKFILL_STATUS = """
+query($id: String!) { partitionBackfillOrError(backfillId: $id) { ... on PartitionBackfill { status } } }"""
 
 
 class StackError(RuntimeError):
@@ -67,6 +84,13 @@ def _default_signals() -> None:
 def _host_port(url: str) -> tuple[str, int]:
     parts = urlsplit(url)
     return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def _llama_server() -> Path:
+    try:
+        return llama_tools.tool("llama-server")
+    except llama_tools.LlamaToolsError as exc:
+        raise StackError(str(exc)) from None
 
 
 def ensure_tiny_model(home: Path) -> Path:
@@ -110,18 +134,20 @@ def plan_services(lab: Lab, home: Path, dagster_port: int) -> list[Service]:
     for ep in lab.endpoints:
         if not ep.embedded:
             continue
+        if ep.kind != "llamacpp":
+            raise StackError(f"{ep.name}: only llama.cpp endpoints can be embedded (kind is {ep.kind!r}). Fix: set "
+                             f"embedded: false for it in the lab inventory, or kind: llamacpp.")
         host, port = _host_port(ep.base_url)
         model = ensure_tiny_model(home)
+        env = {}
+        if key := ep.api_key():
+            # through llama-server's own variable, never argv: `ps` shows argv to every user
+            env["LLAMA_API_KEY"] = key
         services.append(Service(
             name=f"llama.cpp ({ep.name})",
-            argv=[py, "-m", "llama_cpp.server", "--model", str(model), "--host", host, "--port", str(port),
-                  "--model_alias", ep.served_model_name or ep.model or "model",
-                  "--n_ctx", str(ep.settings.get("ctx_size", 512)),
-                  "--n_threads", str(ep.settings.get("threads", 2)),
-                  # llama-cpp-python's default aborts the streaming request whenever another one
-                  # arrives: at concurrency 2, 88 % of requests died mid-stream. Queue them instead.
-                  "--interrupt_requests", "False"],
-            ready_url=f"{ep.base_url}/v1/models", ui_url=f"{ep.base_url}/v1",
+            argv=[str(_llama_server()), "-m", str(model), "--host", host, "--port", str(port),
+                  "--alias", ep.served_model_name or ep.model or "model", "--no-webui", *ep.llamacpp.flags()],
+            env=env, ready_url=f"{ep.base_url}/health", ui_url=f"{ep.base_url}/v1",
         ))
     if lab.hub.embedded:
         host, port = _host_port(lab.hub.endpoint)
@@ -156,24 +182,26 @@ def plan_services(lab: Lab, home: Path, dagster_port: int) -> list[Service]:
 
 
 class Stack:
-    def __init__(self, lab_path: Path, home: Path, dagster_port: int, out=print) -> None:
+    def __init__(self, lab_path: Path, home: Path, dagster_port: int, out=None) -> None:
+        out = out or (lambda message: print(message, flush=True))
         self.lab_path, self.home, self.dagster_port, self.out = lab_path, home, dagster_port, out
         self.services: list[Service] = []
-        self._lock_fd: int | None = None
+        self._lock: contextlib.ExitStack | None = None
+        self._stopping: str | None = None  # the signal that asked supervise() to stop
 
     @property
     def state_file(self) -> Path:
         return self.home / "up.json"
 
     def _acquire(self) -> bool:
-        self.home.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.home / "up.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Take IDP_HOME's up.lock for the life of this stack (False: another `idp up` holds it)."""
+        held = contextlib.ExitStack()
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
+            held.enter_context(file_lock(self.home / "up.lock", timeout_s=0, what="the embedded lab's lock",
+                                         fix="it is already running", holder=f"idp up (pid {os.getpid()})"))
+        except LockTimeout:
             return False
-        self._lock_fd = fd
+        self._lock = held
         return True
 
     def start(self, timeout_s: float = 300.0) -> dict[str, str]:
@@ -224,30 +252,61 @@ class Stack:
                                  f"see the logs under {self.home / 'logs'}.")
             time.sleep(0.5)
 
-    def launch_everything(self) -> str | None:
-        """Backfill every asset, every partition (the UI's "Materialize all"); returns the backfill id."""
-        from dagster_graphql import DagsterGraphQLClient
-        from dagster_graphql.client.query import LAUNCH_PARTITION_BACKFILL_MUTATION
+    def _graphql(self, query: str, variables: dict) -> dict:
+        """One request to the webserver's GraphQL API (plain HTTP: the client library's helper is private)."""
+        import httpx
 
+        r = httpx.post(f"http://127.0.0.1:{self.dagster_port}/graphql", json={"query": query, "variables": variables},
+                       timeout=60, trust_env=False)
+        r.raise_for_status()
+        body = r.json()
+        if body.get("errors"):
+            raise RuntimeError("; ".join(e.get("message", str(e)) for e in body["errors"]))
+        return body["data"]
+
+    def main_job_stages(self) -> list[tuple[str, list[str]]]:
+        """The main job: every asset, every partition, as (title, asset keys) backfills run one after another.
+
+        The measurements wait for everything else and what follows them waits for the measurements: the
+        first materialisation of the lab (downloads, quantization, git sync, run start-ups) must not run on
+        the cores a benchmark measures. Later runs (a sensor's, automation's) are not held back: the
+        measurement records the host's load and flags a step measured under it."""
         from idp_pipelines.definitions import build_defs
 
-        keys = build_defs(load_lab(self.lab_path)).resolve_asset_graph().materializable_asset_keys
-        params = {"assetSelection": [{"path": list(k.path)} for k in sorted(keys, key=str)],
-                  "allPartitions": True, "title": "make up: every asset of the lab"}
-        client = DagsterGraphQLClient("127.0.0.1", port_number=self.dagster_port)
+        import dagster as dg
+
+        graph = build_defs(load_lab(self.lab_path)).resolve_asset_graph()
+        every = {k.to_user_string() for k in graph.materializable_asset_keys}
+        measured = {k for k in MEASUREMENT_ASSETS if k in every}
+        below = dg.AssetSelection.assets(*measured).downstream().resolve(graph) if measured else set()
+        after = {k.to_user_string() for k in below} & every - measured
+        # What follows the measurements also runs in the first stage (on what is there yet): left out, declarative
+        # automation would start it once its other inputs landed, perhaps during a measurement.
+        stages = [("everything but the measurements", sorted(every - measured)),
+                  (f"the measurements ({', '.join(sorted(measured))})", sorted(measured)),
+                  ("what follows the measurements", sorted(after))]
+        return [(title, keys) for title, keys in stages if keys]
+
+    def launch_backfill(self, title: str, keys: list[str]) -> str | None:
+        """Backfill `keys`, every partition; returns the backfill id (None if Dagster never took it)."""
+        params = {"assetSelection": [{"path": k.split("/")} for k in keys], "allPartitions": True,
+                  "title": f"make up: {title}"}
         deadline = time.monotonic() + 90
         while True:
             try:
-                res = client._execute(LAUNCH_PARTITION_BACKFILL_MUTATION, {"backfillParams": params})
-                out = res["launchPartitionBackfill"]
+                out = self._graphql(LAUNCH_BACKFILL, {"backfillParams": params})["launchPartitionBackfill"]
                 if out["__typename"] == "LaunchBackfillSuccess":
                     return out["backfillId"]
                 raise RuntimeError(out.get("message") or out)
             except Exception as exc:  # the code location may still be loading
-                if time.monotonic() > deadline:
-                    self.out(f"could not launch the backfill of every asset: {exc}")
+                if self._stopping or time.monotonic() > deadline:
+                    self.out(f"could not launch the backfill of {title}: {exc}")
                     return None
                 time.sleep(1.0)
+
+    def backfill_status(self, backfill_id: str) -> str | None:
+        out = self._graphql(BACKFILL_STATUS, {"id": backfill_id})["partitionBackfillOrError"]
+        return out.get("status")
 
     def stop(self) -> None:
         # all get SIGTERM first, so they wind down in parallel; then each is waited for (and killed)
@@ -258,28 +317,54 @@ class Stack:
         for svc in self.services:
             if svc.proc and not stop_process_group(svc.proc, timeout_s=20):
                 self.out(f"{svc.name} ignored SIGTERM for 20 s and was killed")
-        if self._lock_fd is not None:
+        if self._lock is not None:
             self.state_file.unlink(missing_ok=True)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self._lock.close()
+            self._lock = None
 
-    def supervise(self) -> int:
-        """Block until a signal or until a service dies; returns the exit code."""
-        stop = {"why": None}
-
+    def supervise(self, stages: list[tuple[str, list[str]]] | None = None) -> int:
+        """Block until a signal or until a service dies, running the main job's stages one after another;
+        returns the exit code."""
         def on_signal(signum, _frame):
-            stop["why"] = signal.Signals(signum).name
+            self._stopping = signal.Signals(signum).name
 
         signal.signal(signal.SIGINT, on_signal)
         signal.signal(signal.SIGTERM, on_signal)
-        while stop["why"] is None:
+        pending, current, next_poll = list(stages or []), None, 0.0
+        while self._stopping is None:
             for svc in self.services:
                 if svc.proc.poll() is not None:
                     self.out(f"{svc.name} exited with code {svc.proc.returncode}; see {svc.log}. Stopping the lab.")
                     return 1
+            if (pending or current) and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + 2.0
+                current = self._advance_main_job(pending, current)
             time.sleep(0.5)
-        self.out(f"{stop['why']}: stopping the embedded lab")
+        self.out(f"{self._stopping}: stopping the embedded lab")
         return 0
+
+    def _advance_main_job(self, pending: list[tuple[str, list[str]]], current: tuple[str, str] | None):
+        """Poll the running stage; when it has ended, launch the next one. Returns the running stage."""
+        if current is not None:
+            title, backfill = current
+            try:
+                status = self.backfill_status(backfill)
+            except Exception as exc:  # a busy webserver: ask again at the next poll
+                self.out(f"main job: could not read the status of {title}: {exc}")
+                return current
+            if status in (None, "REQUESTED", "CANCELING", "FAILING"):
+                return current
+            self.out(f"main job: {title} ended {status}")
+        if not pending:
+            self.out("main job: done")
+            return None
+        title, keys = pending.pop(0)
+        backfill = self.launch_backfill(title, keys)
+        if backfill is None:
+            pending.clear()
+            return None
+        self.out(f"main job: {title}  http://127.0.0.1:{self.dagster_port}/runs/b/{backfill}")
+        return title, backfill
 
 
 def up(*, lab_path: Path | None = None, home: Path | None = None, dagster_port: int | None = None,
@@ -302,12 +387,8 @@ def up(*, lab_path: Path | None = None, home: Path | None = None, dagster_port: 
         print(f"\nThe embedded lab is up after {time.monotonic() - t0:.1f} s (IDP_HOME={home}, IDP_LAB={lab_path}):")
         for name, url in urls.items():
             print(f"  {name:<22} {url}")
-        if run_main_job:
-            backfill = stack.launch_everything()
-            if backfill:
-                print(f"  first materialisation  {urls['Dagster']}/runs/b/{backfill}")
         print("Ctrl-C stops everything.", flush=True)
-        return stack.supervise()
+        return stack.supervise(stack.main_job_stages() if run_main_job else None)
     except StackError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

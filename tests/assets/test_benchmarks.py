@@ -169,7 +169,7 @@ def test_change_sensor_debounces_settings_edits_and_model_updates(tmp_path):
     assert _tick(lab_file, cursor, t + 10, instance).run_requests == []
 
     # the owner edits the serving settings: nothing until the change has settled for debounce_s (30 s)
-    _lab(tmp_path, "http://127.0.0.1:9", settings={"ctx_size": 1024, "threads": 2, "parallel": 2})
+    _lab(tmp_path, "http://127.0.0.1:9", llamacpp={"ctx_size": 1024, "threads": 2, "parallel": 2})
     pending = _tick(lab_file, cursor, t + 20, instance)
     assert pending.run_requests == [] and "waiting 30 s" in pending.skip_reason.skip_message
     assert _tick(lab_file, pending.cursor, t + 40, instance).run_requests == []  # 20 s: still settling

@@ -15,8 +15,11 @@ def lab():
     return load_lab(REPO_ROOT / "labs" / "schlimers.yaml")
 
 
-def _with(lab, name, **changes):
-    ep = lab.endpoint(name).model_copy(update=changes)
+def _with(lab, name, n_gpu_layers="keep", **changes):
+    ep = lab.endpoint(name)
+    if n_gpu_layers != "keep":
+        changes["llamacpp"] = ep.llamacpp.model_copy(update={"n_gpu_layers": n_gpu_layers})
+    ep = ep.model_copy(update=changes)
     return lab.model_copy(update={"endpoints": [ep if e.name == name else e for e in lab.endpoints]}), ep
 
 
@@ -27,7 +30,7 @@ def test_llamacpp_offload_decides_the_bandwidth(lab, tiny_gguf):
     unset, ep = _with(lab, "llamacpp-cpu", n_gpu_layers=None)
     bw, why = bandwidth_for(unset, ep)
     assert bw is None and why == ("llama.cpp on schlimers-server, which has a GPU, without n_gpu_layers: set "
-                                  "endpoints[llamacpp-cpu].n_gpu_layers (0 = CPU only, -1 = every layer on the GPU)")
+                                  "endpoints[llamacpp-cpu].llamacpp.n_gpu_layers (0 = CPU only, -1 = every layer on the GPU)")
     full, ep = _with(lab, "llamacpp-cpu", n_gpu_layers=-1)
     assert bandwidth_for(full, ep)[0] == 896
     # one of the tiny model's 2 layers on the GPU: half the bytes at each bandwidth

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
+import gguf
 import pytest
 
 from idp_pipelines.embedded.tiny_model import (
@@ -25,8 +20,6 @@ from idp_pipelines.embedded.tiny_model import (
     tiny_vocab,
     write_tiny_gguf,
 )
-
-gguf = pytest.importorskip("gguf")
 
 
 def _sha(path: Path) -> str:
@@ -114,22 +107,23 @@ def test_bad_arguments_and_cli(tmp_path, capsys):
 # ----------------------------------------------------------------------------------- llama.cpp
 
 
-def test_loads_and_generates_in_llama_cpp(tiny_f32):
-    llama_cpp = pytest.importorskip("llama_cpp")
-    llm = llama_cpp.Llama(model_path=str(tiny_f32), n_ctx=256, verbose=False, seed=0)
-    try:
-        assert llm.n_vocab() == TINY_VOCAB_SIZE
-        assert llm.token_bos() == BOS_ID and llm.token_eos() == EOS_ID
-        ids = llm.tokenize(b"Hello world")
-        assert ids[0] == BOS_ID and len(ids) == 3  # <s> ▁Hello ▁world
-        assert llm.detokenize(ids[1:]) == b" Hello world"
-        out = llm.create_completion("Hello", max_tokens=16, temperature=0.0)
-        assert out["usage"]["completion_tokens"] >= 1
-        assert isinstance(out["choices"][0]["text"], str)
-        again = llm.create_completion("Hello", max_tokens=16, temperature=0.0)
-        assert again["choices"][0]["text"] == out["choices"][0]["text"]  # greedy is deterministic
-    finally:
-        llm.close()
+def test_loads_and_generates_in_llama_cpp(llama_base_url):
+    """llama.cpp's own server loads the generated model: its vocabulary, tokenizer and greedy decoding."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def call(path: str, body: dict | None = None) -> dict:
+        req = _post(llama_base_url + path, body) if body is not None else llama_base_url + path
+        with opener.open(req, timeout=60) as resp:
+            return json.load(resp)
+
+    assert call("/v1/models")["data"][0]["meta"]["n_vocab"] == TINY_VOCAB_SIZE
+    ids = call("/tokenize", {"content": "Hello world", "add_special": True})["tokens"]
+    assert ids[0] == BOS_ID and len(ids) == 3  # <s> ▁Hello ▁world
+    assert call("/detokenize", {"tokens": ids[1:]})["content"].strip() == "Hello world"
+    body = {"prompt": "Hello", "n_predict": 16, "temperature": 0, "cache_prompt": False}
+    out = call("/completion", body)
+    assert out["tokens_predicted"] >= 1 and isinstance(out["content"], str)
+    assert call("/completion", body)["content"] == out["content"]  # greedy is deterministic
 
 
 def _post(url: str, body: dict, timeout: float = 60) -> urllib.request.Request:
