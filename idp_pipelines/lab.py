@@ -301,10 +301,13 @@ class Endpoint(_Strict):
         return self.kind in ("vllm", "llamacpp", "openai")
 
     def api_key(self, env: Mapping[str, str] | None = None) -> str | None:
-        """The endpoint's key, read from the environment variable the inventory names (never the file)."""
+        """The endpoint's key: the environment variable the inventory names (never the file), else the
+        key the deploy group generated for it in its host's key store (service_secrets)."""
         if not self.api_key_env:
             return None
-        return (os.environ if env is None else env).get(self.api_key_env) or None
+        from idp_pipelines.secrets import stored_key
+
+        return (os.environ if env is None else env).get(self.api_key_env) or stored_key(self.host, self.api_key_env)
 
     @property
     def port(self) -> int:
