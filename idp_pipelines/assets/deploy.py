@@ -62,10 +62,11 @@ def _previous_tuned(instance: dg.DagsterInstance, host: str) -> dict[str, int]:
     if not records:
         return {}
     raw = records[0].asset_materialization.metadata.get("tuned_values")
+    values = raw.value if raw is not None else {}
     try:
-        return {k: int(v["value"]) for k, v in json.loads(str(raw.value)).items()} if raw else {}
-    except (ValueError, TypeError, KeyError):
-        return {}
+        return {k: int(v["value"]) for k, v in (json.loads(values) if isinstance(values, str) else values).items()}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}  # an older rendering without the record: start again from the inventory
 
 
 def _check(name: str, verdict, asset: str | None = None) -> dg.AssetCheckResult:
