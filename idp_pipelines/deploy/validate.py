@@ -101,7 +101,9 @@ def check_nginx(site: str, *, certificate: str, key: str, host_names: list[str])
     with tempfile.TemporaryDirectory(prefix="idp-nginx-") as tmp:
         root = Path(tmp)
         (root / "tmp").mkdir()
-        proc, s = _run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=idp-check",
+        # an EC key: RSA-2048 generation alone took 0.14 s here, P-256 7 ms; nginx -t only loads it
+        proc, s = _run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                        "-days", "1", "-subj", "/CN=idp-check",
                         "-keyout", str(root / "key.pem"), "-out", str(root / "cert.pem")])
         tool_s += s
         if proc.returncode != 0:
