@@ -453,6 +453,8 @@ class Service(_Strict):
     # <config_dir>/models before the service starts (the Jetson).
     model_sync: bool = False
     dcgm: DcgmExporter | None = None
+    # The engine's binary, for an image whose entrypoint does not start it (the typed flags follow).
+    entrypoint: list[str] | None = None
     # Escape hatch: extra non-secret environment variables, passed verbatim (documented in the README).
     environment: dict[EnvVarName, str] = Field(default_factory=dict)
 

@@ -113,6 +113,9 @@ def _service(lab: Lab, svc: Service, mount: ModelMount | None, tuned: Tuned | No
         out["healthcheck"] = _healthcheck(["wget", "-qO-", f"http://localhost:{port.container}/metrics"])
     else:  # pragma: no cover - the inventory keeps systemd kinds out of compose files
         raise DeployError(f"service {svc.name!r} ({svc.kind}) is not a container")
+    if svc.entrypoint is not None:
+        out = {"image": out["image"], "entrypoint": list(svc.entrypoint),
+               **{k: v for k, v in out.items() if k != "image"}}
     if ep is not None and ep.api_key_env:
         keys.append(ep.api_key_env)
         native = ENGINE_KEY_VAR.get(svc.kind)

@@ -57,7 +57,7 @@ def test_the_gpu_host_compose_file(schlimers, tmp_path):
 def test_the_jetson_serves_its_gguf_with_llama_cpp_and_gets_the_file_synced(schlimers, tmp_path):
     bundles, arts = _render(schlimers, tmp_path)
     svc = _compose("jetson-orin")["services"]["jetson-edge"]
-    assert svc["image"] == "dustynv/llama_cpp:r36.4.0"
+    assert svc["image"] == "dustynv/llama_cpp:r36.4.0" and svc["entrypoint"] == ["llama-server"]
     assert svc["command"][:2] == ["-m", "/models/llama-3.2-1b-q4/Llama-3.2-1B-Instruct-Q4_K_M.gguf"]
     assert svc["volumes"][0]["source"] == "/home/ubuntu/jetson/models/llama-3.2-1b-q4"
     script = (host_dir("jetson-orin") / "sync-models.sh").read_text()
