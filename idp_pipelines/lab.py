@@ -425,7 +425,9 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 class ServicePort(_Strict):
     name: Literal["http", "grpc", "metrics"] = "http"
     container: Port
-    host: Port  # published on the host's address; one service per host port
+    # Published on the host's address; one service per host port. An engine's http port may leave it out:
+    # it is then the port of the endpoint's base_url (one place for it).
+    host: Port | None = None
 
 
 class Mount(_Strict):
@@ -546,6 +548,16 @@ class Lab(_Strict):
     gateway: Gateway | None = None
     monitoring: Monitoring | None = None
     deploy: Deploy = Field(default_factory=Deploy)
+
+    @model_validator(mode="after")
+    def _engine_ports_from_endpoints(self) -> Lab:
+        endpoints = {e.name: e for e in self.endpoints}
+        for svc in self.services:
+            ep = endpoints.get(svc.endpoint or "")
+            for port in svc.ports:
+                if port.host is None and port.name == "http" and ep is not None:
+                    object.__setattr__(port, "host", ep.port)  # frozen: set once, while the lab is built
+        return self
 
     # The source file, set by load_lab (errors name it); not a field of the inventory.
     _source: str = PrivateAttr(default="the lab inventory")
@@ -773,6 +785,10 @@ def _service_problems(lab: Lab) -> list[str]:
                     problems.append(f"{at}.gpus: device(s) {bad} do not exist: host {svc.host!r} has "
                                     f"{host.gpu.count} GPU(s) (ids 0..{host.gpu.count - 1}). Fix: use existing ids.")
         for j, port in enumerate(svc.ports):
+            if port.host is None:
+                problems.append(f"{at}.ports[{j}].host: the host port is missing (only an engine's http port "
+                                f"takes its endpoint's). Fix: set host: <port>.")
+                continue
             key = (svc.host, port.host)
             if key in published:
                 k, m, other = published[key]
