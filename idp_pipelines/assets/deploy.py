@@ -207,13 +207,13 @@ def build(inventory: Lab) -> dg.Definitions:
         )
         def gateway_config(context: dg.AssetExecutionContext, lab: LabResource) -> dg.MaterializeResult:
             from idp_pipelines.deploy import crossfile, deploy_dir
-            from idp_pipelines.deploy.gateway import render_gateway, upstreams
+            from idp_pipelines.deploy.gateway import upstreams
             from idp_pipelines.deploy.render import validate_gateway, write_gateway
 
             inv = lab.load()
             path = write_gateway(inv)
             verdict = validate_gateway(inv)
-            text = render_gateway(inv)
+            text = path.read_text(encoding="utf-8")
             problems = crossfile.check_upstreams(inv, text, crossfile.load_composes(deploy_dir(), inv.docker_hosts()))
             ups = [{"upstream": k, "server": v} for k, v in upstreams(text).items()]
             return dg.MaterializeResult(
