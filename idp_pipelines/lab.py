@@ -806,6 +806,13 @@ def _service_problems(lab: Lab) -> list[str]:
             if ep.kind != svc.kind or ep.host != svc.host:
                 problems.append(f"{at}.endpoint: endpoint {ep.name!r} is a {ep.kind} endpoint on {ep.host!r}, but "
                                 f"service {svc.name!r} is {svc.kind} on {svc.host!r}. Fix: make them agree.")
+            if svc.kind == "triton" and ep.triton is None:
+                problems.append(f"{at}.endpoint: Triton's service needs the endpoint's triton: block (at least "
+                                f"model_repository). Fix: add triton: {{model_repository: /path/on/{svc.host}}} to "
+                                f"endpoint {ep.name!r}.")
+            if svc.kind in ("vllm", "llamacpp") and not ep.model:
+                problems.append(f"{at}.endpoint: a {svc.kind} service serves the endpoint's model, but endpoint "
+                                f"{ep.name!r} names none. Fix: set endpoints[].model.")
             http = svc.port("http")
             if http is None or http.host != ep.port:
                 problems.append(f"{at}.ports: endpoint {ep.name!r} is reached on port {ep.port} ({ep.base_url}), but "

@@ -74,3 +74,10 @@ def test_a_lan_cidr_with_host_bits_is_an_error(tmp_path):
         data["gateway"]["lan_cidrs"] = ["192.168.1.1/24"]
     with pytest.raises(LabError, match=r"gateway\.lan_cidrs: '192\.168\.1\.1/24' is not a network in CIDR form"):
         load_lab(lab_with(tmp_path, "schlimers", bad))
+
+
+def test_a_triton_service_without_its_flags_says_what_to_add(tmp_path):
+    def untyped(data):
+        del data["endpoints"][2]["triton"]
+    with pytest.raises(LabError, match=r"services\[2\]\.endpoint: Triton's service needs the endpoint's triton: block"):
+        load_lab(lab_with(tmp_path, "schlimers", untyped))
