@@ -149,6 +149,89 @@ class LlamaCppServer(_Strict):
             {"extra_args": " ".join(self.extra_args)} if self.extra_args else {})
 
 
+class VllmServer(_Strict):
+    """vLLM's OpenAI server flags, typed (names are its long options with '_' for '-').
+
+    A misspelt flag is an inventory error naming the field; a flag not modelled here goes in `extra_args`.
+    The key is never a flag: vLLM reads VLLM_API_KEY from its environment (the host's .env).
+    """
+
+    quantization: str | None = None                          # fp8, awq, gptq, ... (auto-detected from the checkpoint)
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3", "fp8_e5m2"] | None = None
+    dtype: Literal["auto", "half", "float16", "bfloat16", "float", "float32"] | None = None
+    max_model_len: int | None = Field(default=None, ge=1)
+    gpu_memory_utilization: float | None = Field(default=None, gt=0, le=1)
+    max_num_seqs: int | None = Field(default=None, ge=1)
+    max_num_batched_tokens: int | None = Field(default=None, ge=1)
+    enable_chunked_prefill: bool | None = None
+    enable_prefix_caching: bool | None = None
+    block_size: Literal[8, 16, 32, 64, 128] | None = None
+    tensor_parallel_size: int | None = Field(default=None, ge=1)
+    # seed: --disable-log-stats also turns off vLLM's Prometheus /metrics, which the dashboards read.
+    disable_log_stats: Literal[False] | None = None
+    extra_args: list[str] = Field(default_factory=list)
+
+    def flags(self) -> list[str]:
+        """The command-line flags for vLLM's OpenAI server, in a stable order (booleans as bare flags)."""
+        out: list[str] = []
+        for name, value in self.model_dump(exclude={"extra_args"}).items():
+            if value is None or value is False:
+                continue
+            flag = "--" + name.replace("_", "-")
+            out += [flag] if value is True else [flag, str(value)]
+        return out + list(self.extra_args)
+
+    def recorded(self) -> dict[str, int | float | str | bool]:
+        return {k: v for k, v in self.model_dump(exclude={"extra_args"}).items() if v is not None} | (
+            {"extra_args": " ".join(self.extra_args)} if self.extra_args else {})
+
+
+TritonApi = Literal["health", "metadata", "inference", "shared-memory", "model-config", "model-repository",
+                    "statistics", "trace", "logging"]
+
+
+class TritonServer(_Strict):
+    """Triton's flags, typed. Triton has no bearer key: its admin APIs are restricted to a header instead."""
+
+    model_repository: str                                    # the folder on the host, mounted read-only at /models
+    model_control_mode: Literal["none", "poll", "explicit"] | None = None
+    strict_model_config: bool | None = None
+    log_verbose: int | None = Field(default=None, ge=0)
+    # --http-restricted-api: these need the header `triton-admin-key: <the host's TRITON key>`.
+    restricted_apis: list[TritonApi] = Field(default_factory=lambda: [
+        "model-repository", "model-config", "shared-memory", "statistics", "trace", "logging"])
+    extra_args: list[str] = Field(default_factory=list)
+
+    def flags(self) -> list[str]:
+        out = ["--model-repository=/models"]
+        if self.model_control_mode:
+            out.append(f"--model-control-mode={self.model_control_mode}")
+        if self.strict_model_config is not None:
+            out.append(f"--strict-model-config={str(self.strict_model_config).lower()}")
+        if self.log_verbose is not None:
+            out.append(f"--log-verbose={self.log_verbose}")
+        return out + list(self.extra_args)
+
+    def recorded(self) -> dict[str, int | float | str | bool]:
+        out = {k: v for k, v in self.model_dump(exclude={"extra_args", "restricted_apis"}).items() if v is not None}
+        return out | {"restricted_apis": ",".join(self.restricted_apis)}
+
+
+class DcgmExporter(_Strict):
+    """NVIDIA's dcgm-exporter flags, typed."""
+
+    collect_interval_ms: int | None = Field(default=None, ge=100)  # -c
+    collectors: str | None = None                                  # -f: a counters CSV inside the image
+
+    def flags(self) -> list[str]:
+        out: list[str] = []
+        if self.collect_interval_ms is not None:
+            out += ["-c", str(self.collect_interval_ms)]
+        if self.collectors is not None:
+            out += ["-f", self.collectors]
+        return out
+
+
 class Endpoint(_Strict):
     name: Name
     kind: Literal["vllm", "llamacpp", "triton", "openai"]
@@ -165,6 +248,8 @@ class Endpoint(_Strict):
     # here too, so whoever reads `settings` sees what the server runs with.
     settings: dict[str, int | float | str | bool] = Field(default_factory=dict)
     llamacpp: LlamaCppServer | None = None
+    vllm: VllmServer | None = None
+    triton: TritonServer | None = None
     slo: Slo = Field(default_factory=Slo)
     concurrency: list[int] | None = None  # the sweep for this endpoint (default: benchmarks.concurrency)
     # The roofline's bytes per decoded token: the weights the server reads for each token. Given here, or
@@ -189,6 +274,26 @@ class Endpoint(_Strict):
         object.__setattr__(self, "settings", {**self.settings, **typed.recorded()})
         return self
 
+    @model_validator(mode="after")
+    def _typed_vllm_triton(self) -> Endpoint:
+        for block, cls, kind in (("vllm", VllmServer, "vllm"), ("triton", TritonServer, "triton")):
+            typed = getattr(self, block)
+            if typed is not None and self.kind != kind:
+                raise ValueError(f"{block}: holds {kind} flags, but this endpoint's kind is {self.kind!r}. "
+                                 f"Fix: remove the {block}: block, or set kind: {kind}.")
+            if self.kind != kind:
+                continue
+            clash = sorted(set(self.settings) & set(cls.model_fields))
+            if clash:
+                raise ValueError(f"settings.{clash[0]} is a {kind} flag with a typed field. Fix: move "
+                                 f"{', '.join(clash)} from settings: to {block}: (e.g. {block}: {{{clash[0]}: ...}}).")
+            if typed is None and kind == "vllm":
+                typed = VllmServer()
+                object.__setattr__(self, "vllm", typed)
+            if typed is not None:
+                object.__setattr__(self, "settings", {**self.settings, **typed.recorded()})
+        return self
+
     @field_validator("base_url")
     @classmethod
     def _no_trailing_slash(cls, v: str) -> str:
@@ -200,10 +305,13 @@ class Endpoint(_Strict):
         return self.kind in ("vllm", "llamacpp", "openai")
 
     def api_key(self, env: Mapping[str, str] | None = None) -> str | None:
-        """The endpoint's key, read from the environment variable the inventory names (never the file)."""
+        """The endpoint's key: the environment variable the inventory names (never the file), else the
+        key the deploy group generated for it in its host's key store (service_secrets)."""
         if not self.api_key_env:
             return None
-        return (os.environ if env is None else env).get(self.api_key_env) or None
+        from idp_pipelines.secrets import stored_key
+
+        return (os.environ if env is None else env).get(self.api_key_env) or stored_key(self.host, self.api_key_env)
 
     @property
     def port(self) -> int:
@@ -313,6 +421,124 @@ class Expectation(_Strict):
     source: str = ""
 
 
+# ----------------------------------------------------------------------------------- deployed services
+
+ServiceKind = Literal["vllm", "llamacpp", "triton", "dcgm-exporter", "node-exporter", "nginx", "prometheus",
+                      "grafana"]
+# The seed runs the gateway, Prometheus and Grafana as LXC services (systemd), not as containers.
+SYSTEMD_KINDS = frozenset({"nginx", "prometheus", "grafana"})
+ENGINE_KINDS = frozenset({"vllm", "llamacpp", "triton"})
+AbsPath = Annotated[str, StringConstraints(pattern=r"^/[^\s:]*$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class ServicePort(_Strict):
+    name: Literal["http", "grpc", "metrics"] = "http"
+    container: Port
+    # Published on the host's address; one service per host port. An engine's http port may leave it out:
+    # it is then the port of the endpoint's base_url (one place for it).
+    host: Port | None = None
+
+
+class Mount(_Strict):
+    source: AbsPath   # on the Docker host
+    target: AbsPath   # in the container
+    read_only: bool = True
+
+
+class Service(_Strict):
+    """A container (or, for the gateway, Prometheus and Grafana, a systemd service) the deploy group renders."""
+
+    name: Name
+    kind: ServiceKind
+    host: str
+    endpoint: str | None = None       # the inference endpoint it serves (engines): its model, port and key
+    image: str | None = None
+    tag: str | None = None
+    ports: list[ServicePort] = Field(default_factory=list)
+    gpus: list[Annotated[str, StringConstraints(pattern=r"^[0-9]+$")]] = Field(default_factory=list)
+    mounts: list[Mount] = Field(default_factory=list)
+    # Which gguf_model output to serve (a quantize target of the endpoint's model); unset: the file the
+    # hub_model download holds.
+    quant: QuantType | None = None
+    # The host has no copy of the model cache: the bundle's sync-models.sh copies the file into
+    # <config_dir>/models before the service starts (the Jetson).
+    model_sync: bool = False
+    dcgm: DcgmExporter | None = None
+    # The engine's binary, for an image whose entrypoint does not start it (the typed flags follow).
+    entrypoint: list[str] | None = None
+    # Escape hatch: extra non-secret environment variables, passed verbatim (documented in the README).
+    environment: dict[EnvVarName, str] = Field(default_factory=dict)
+
+    def port(self, name: str) -> ServicePort | None:
+        return next((p for p in self.ports if p.name == name), None)
+
+    @property
+    def container(self) -> bool:
+        return self.kind not in SYSTEMD_KINDS
+
+
+class GatewayTls(_Strict):
+    certificate: AbsPath
+    key: AbsPath
+    # seed: Let's Encrypt issues no certificate for `.local` names (not a public suffix). Say who does.
+    issuer: str = ""
+
+
+class GatewayRoute(_Strict):
+    endpoint: str
+    path: Annotated[str, StringConstraints(pattern=r"^/[a-z0-9][a-z0-9-]*/$")]
+
+
+class Gateway(_Strict):
+    """NGINX on the gateway host: TLS, one route per endpoint, /metrics only from the LAN."""
+
+    host: str
+    server_names: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.-]+$")]] = Field(min_length=1)
+    tls: GatewayTls
+    lan_cidrs: list[str] = Field(min_length=1)
+    routes: list[GatewayRoute] = Field(default_factory=list)
+    keepalive: int = Field(default=32, ge=1)
+    read_timeout_s: int = Field(default=300, ge=1)
+    max_body_mb: int = Field(default=16, ge=1)
+
+    @field_validator("lan_cidrs")
+    @classmethod
+    def _cidrs(cls, v: list[str]) -> list[str]:
+        import ipaddress
+
+        for c in v:
+            try:
+                ipaddress.ip_network(c, strict=True)
+            except ValueError as exc:
+                raise ValueError(f"{c!r} is not a network in CIDR form ({exc}). Fix: e.g. 192.168.1.0/24.") from None
+        return v
+
+
+class Monitoring(_Strict):
+    """Prometheus (scrape config, alert rules, retention flags) and Grafana provisioning."""
+
+    prometheus_host: str
+    prometheus_port: Port = 9090
+    grafana_host: str | None = None
+    scrape_interval_s: int = Field(default=15, ge=1)
+    # A command-line flag of Prometheus (--storage.tsdb.retention.time), not a prometheus.yml setting.
+    retention_days: int = Field(default=30, ge=1)
+    datasource_uid: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_-]{1,40}$")] = "idp-prometheus"
+    alertmanager: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9.-]+:\d+$")] | None = None
+    gpu_temperature_c: float = Field(default=83, gt=0)
+    gpu_memory_fraction: float = Field(default=0.95, gt=0, le=1)
+    target_down_for: Annotated[str, StringConstraints(pattern=r"^\d+[smh]$")] = "5m"
+
+
+class Deploy(_Strict):
+    """How the deploy group uses benchmark_tuning's recommendations."""
+
+    use_tuning: bool = True
+    # A recommendation within this fraction of the value in use changes nothing: no tune-deploy-benchmark loop.
+    tuning_hysteresis: float = Field(default=0.25, ge=0, lt=1)
+
+
 class Lab(_Strict):
     name: Name
     description: str = ""
@@ -328,6 +554,20 @@ class Lab(_Strict):
     schedules: Schedules = Field(default_factory=Schedules)
     benchmarks: Benchmarks = Field(default_factory=Benchmarks)
     expectations: list[Expectation] = Field(default_factory=list)
+    services: list[Service] = Field(default_factory=list)
+    gateway: Gateway | None = None
+    monitoring: Monitoring | None = None
+    deploy: Deploy = Field(default_factory=Deploy)
+
+    @model_validator(mode="after")
+    def _engine_ports_from_endpoints(self) -> Lab:
+        endpoints = {e.name: e for e in self.endpoints}
+        for svc in self.services:
+            ep = endpoints.get(svc.endpoint or "")
+            for port in svc.ports:
+                if port.host is None and port.name == "http" and ep is not None:
+                    object.__setattr__(port, "host", ep.port)  # frozen: set once, while the lab is built
+        return self
 
     # The source file, set by load_lab (errors name it); not a field of the inventory.
     _source: str = PrivateAttr(default="the lab inventory")
@@ -353,6 +593,13 @@ class Lab(_Strict):
 
     def git_repo(self, name: str) -> GitRepo:
         return self._find(self.git_repos, "git_repos", name)
+
+    def service(self, name: str) -> Service:
+        return self._find(self.services, "services", name)
+
+    def docker_hosts(self) -> list[str]:
+        """Hosts with a container service: one compose file and one .env each."""
+        return list(dict.fromkeys(s.host for s in self.services if s.container))
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -503,11 +750,126 @@ def _cross_references(lab: Lab) -> list[str]:
     for i, m in enumerate(lab.models):
         for j, h in enumerate(m.serve_on):
             ref(h, hosts, "host", f"models[{i}].serve_on[{j}]")
+    problems += _service_problems(lab)
     for i, x in enumerate(lab.expectations):
         ref(x.endpoint, endpoints, "endpoint", f"expectations[{i}].endpoint")
         ref(x.host, hosts, "host", f"expectations[{i}].host")
         if x.low > x.high:
             problems.append(f"expectations[{i}].low: {x.low} is above high {x.high}. Fix: swap them.")
+    return problems
+
+
+def _service_problems(lab: Lab) -> list[str]:
+    """services:, gateway: and monitoring: against the hosts and endpoints (file/field/fix per problem)."""
+    problems: list[str] = []
+    hosts = {h.name: h for h in lab.hosts}
+    endpoints = {e.name: e for e in lab.endpoints}
+    first: dict[str, int] = {}
+    for i, svc in enumerate(lab.services):
+        if svc.name in first:
+            problems.append(f"services[{i}].name: duplicate service name {svc.name!r} (also services[{first[svc.name]}]). "
+                            f"Fix: give every service a unique name.")
+        first.setdefault(svc.name, i)
+    published: dict[tuple[str, int], tuple[int, int, str]] = {}
+    for i, svc in enumerate(lab.services):
+        at = f"services[{i}]"
+        host = hosts.get(svc.host)
+        if host is None:
+            problems.append(f"{at}.host: unknown host {svc.host!r}. Fix: use one of {sorted(hosts)} or add it under hosts.")
+            continue
+        if svc.container:
+            if not host.docker_host:
+                problems.append(
+                    f"{at}.host: service {svc.name!r} is a container, but host {svc.host!r} has no docker_host. "
+                    f"Fix: set hosts[].docker_host for {svc.host!r} (e.g. ssh://user@{host.address}), or move the "
+                    f"service to a Docker host (only nginx, prometheus and grafana run as systemd services).")
+            if not svc.image or not svc.tag:
+                problems.append(f"{at}.image: a container needs image and tag (got image={svc.image!r}, "
+                                f"tag={svc.tag!r}). Fix: set both, e.g. image: vllm/vllm-openai, tag: v0.7.1.")
+        if svc.gpus:
+            if host.gpu is None:
+                problems.append(f"{at}.gpus: host {svc.host!r} has no gpu. Fix: remove gpus or describe hosts[].gpu.")
+            else:
+                bad = [g for g in svc.gpus if int(g) >= host.gpu.count]
+                if bad:
+                    problems.append(f"{at}.gpus: device(s) {bad} do not exist: host {svc.host!r} has "
+                                    f"{host.gpu.count} GPU(s) (ids 0..{host.gpu.count - 1}). Fix: use existing ids.")
+        for j, port in enumerate(svc.ports):
+            if port.host is None:
+                problems.append(f"{at}.ports[{j}].host: the host port is missing (only an engine's http port "
+                                f"takes its endpoint's). Fix: set host: <port>.")
+                continue
+            key = (svc.host, port.host)
+            if key in published:
+                k, m, other = published[key]
+                problems.append(
+                    f"{at}.ports[{j}].host: port {port.host} on host {svc.host!r} is published by both {svc.name!r} "
+                    f"and {other!r} (services[{k}].ports[{m}]). Fix: publish one of them on another host port.")
+            else:
+                published[key] = (i, j, svc.name)
+        if svc.kind in ENGINE_KINDS:
+            ep = endpoints.get(svc.endpoint or "")
+            if ep is None:
+                problems.append(f"{at}.endpoint: a {svc.kind} service serves an endpoint; got {svc.endpoint!r}. "
+                                f"Fix: use one of {sorted(endpoints)}.")
+                continue
+            if ep.kind != svc.kind or ep.host != svc.host:
+                problems.append(f"{at}.endpoint: endpoint {ep.name!r} is a {ep.kind} endpoint on {ep.host!r}, but "
+                                f"service {svc.name!r} is {svc.kind} on {svc.host!r}. Fix: make them agree.")
+            if svc.kind == "triton" and ep.triton is None:
+                problems.append(f"{at}.endpoint: Triton's service needs the endpoint's triton: block (at least "
+                                f"model_repository). Fix: add triton: {{model_repository: /path/on/{svc.host}}} to "
+                                f"endpoint {ep.name!r}.")
+            if svc.kind in ("vllm", "llamacpp") and not ep.model:
+                problems.append(f"{at}.endpoint: a {svc.kind} service serves the endpoint's model, but endpoint "
+                                f"{ep.name!r} names none. Fix: set endpoints[].model.")
+            http = svc.port("http")
+            if http is None or http.host != ep.port:
+                problems.append(f"{at}.ports: endpoint {ep.name!r} is reached on port {ep.port} ({ep.base_url}), but "
+                                f"the service publishes its http port on {http.host if http else 'no port'}. Fix: "
+                                f"publish the http port on {ep.port} or change endpoints[].base_url.")
+            if svc.quant is not None:
+                model = next((m for m in lab.models if m.name == ep.model), None)
+                if model is not None and svc.quant not in model.quantize:
+                    problems.append(f"{at}.quant: {svc.quant} is not a quantize target of model {model.name!r} "
+                                    f"({model.quantize}). Fix: add it to models[].quantize or pick one of those.")
+            if svc.model_sync and not host.config_dir:
+                problems.append(f"{at}.model_sync: the model is copied into <config_dir>/models, but host "
+                                f"{svc.host!r} has no config_dir. Fix: set hosts[].config_dir.")
+        elif svc.endpoint is not None:
+            problems.append(f"{at}.endpoint: a {svc.kind} service serves no inference endpoint. Fix: remove endpoint.")
+        if svc.dcgm is not None and svc.kind != "dcgm-exporter":
+            problems.append(f"{at}.dcgm: dcgm-exporter flags on a {svc.kind} service. Fix: remove the dcgm: block.")
+    for i, ep in enumerate(lab.endpoints):
+        if ep.kind == "triton" and ep.triton is not None:
+            svc = next((s for s in lab.services if s.endpoint == ep.name), None)
+            if svc is not None and svc.port("metrics") is None and ep.metrics_path:
+                problems.append(f"endpoints[{i}].metrics_path: Triton serves /metrics on its own port. Fix: add a "
+                                f"ports entry named metrics to service {svc.name!r} or set metrics_path: null.")
+    gw = lab.gateway
+    if gw is not None:
+        if gw.host not in hosts:
+            problems.append(f"gateway.host: unknown host {gw.host!r}. Fix: use one of {sorted(hosts)}.")
+        seen: dict[str, int] = {}
+        paths: dict[str, int] = {}
+        for j, route in enumerate(gw.routes):
+            if route.endpoint not in endpoints:
+                problems.append(f"gateway.routes[{j}].endpoint: unknown endpoint {route.endpoint!r}. "
+                                f"Fix: use one of {sorted(endpoints)}.")
+            if route.endpoint in seen:
+                problems.append(f"gateway.routes[{j}].endpoint: endpoint {route.endpoint!r} already has a route "
+                                f"(gateway.routes[{seen[route.endpoint]}]). Fix: one route per endpoint.")
+            if route.path in paths:
+                problems.append(f"gateway.routes[{j}].path: {route.path!r} is also gateway.routes[{paths[route.path]}]'s. "
+                                f"Fix: give every route its own path.")
+            seen.setdefault(route.endpoint, j)
+            paths.setdefault(route.path, j)
+    mon = lab.monitoring
+    if mon is not None:
+        for field in ("prometheus_host", "grafana_host"):
+            value = getattr(mon, field)
+            if value is not None and value not in hosts:
+                problems.append(f"monitoring.{field}: unknown host {value!r}. Fix: use one of {sorted(hosts)}.")
     return problems
 
 

@@ -10,7 +10,10 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
+
+from idp_pipelines import settings
 
 if TYPE_CHECKING:
     from idp_pipelines.lab import Lab
@@ -24,6 +27,39 @@ _SECRET_NAME = re.compile(r"(?i)((^|[_-])(api[_-]?key|apikey|token|secret|passw(
 _SECRET_ENV = re.compile(r"(?i)(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH)")
 
 
+def service_env_path(host: str, home: Path | None = None) -> Path:
+    """The key store of a Docker host: its `.env` (0600), written by the deploy group's service_secrets."""
+    return (home or settings.idp_home()) / "deploy" / host / ".env"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """NAME=value lines of a .env (comments and blank lines skipped); {} when the file does not exist."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            name, _, value = line.partition("=")
+            out[name.strip()] = value.strip()
+    return out
+
+
+def stored_key(host: str, name: str) -> str | None:
+    """A generated key from the host's key store (None when service_secrets has not made it)."""
+    return read_env_file(service_env_path(host)).get(name) or None
+
+
+def stored_keys(home: Path | None = None) -> list[str]:
+    """Every generated service key under IDP_HOME: the redactor learns them wherever it runs."""
+    root = (home or settings.idp_home()) / "deploy"
+    if not root.is_dir():
+        return []
+    return [v for env in sorted(root.glob("*/.env")) for v in read_env_file(env).values()]
+
+
 class Redactor:
     """Replaces secret values (and the values of secret-named keys) in text."""
 
@@ -35,11 +71,12 @@ class Redactor:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, names: Sequence[str] = ()) -> Redactor:
-        """Values of env vars named like keys/tokens/passwords, plus the named ones (api_key_env, token_env)."""
+        """Values of env vars named like keys/tokens/passwords, the named ones (api_key_env, token_env) and
+        the service keys the deploy group generated (the hosts' .env files under IDP_HOME)."""
         env = os.environ if env is None else env
         values = [v for k, v in env.items() if _SECRET_ENV.search(k) and len(v) >= 8]
         values += [env[n] for n in names if env.get(n)]
-        return cls(values)
+        return cls(values + stored_keys())
 
     @classmethod
     def for_lab(cls, lab: Lab, env: Mapping[str, str] | None = None) -> Redactor:

@@ -1,0 +1,26 @@
+"""The deploy domain: the lab's service configs rendered from the inventory and checked by the real tools.
+
+Plain Python, no Dagster: `keys` (the hosts' .env key stores), `compose` (a compose file per Docker
+host), `gateway` (NGINX), `monitoring` (Prometheus, alert rules, Grafana), `tuning` (benchmark_tuning's
+values with hysteresis), `validate` (the Compose schema, nginx -t, promtool, Grafana JSON) and
+`crossfile` (rules between the files). Nothing here imports another domain's core.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from idp_pipelines import settings
+
+
+class DeployError(RuntimeError):
+    """A deploy file cannot be rendered as the inventory and the materialisations stand."""
+
+
+def deploy_dir(home: Path | None = None) -> Path:
+    """Rendered files, one folder per host: what is copied to that host's config_dir."""
+    return (home or settings.idp_home()) / "deploy"
+
+
+def host_dir(host: str, home: Path | None = None) -> Path:
+    return deploy_dir(home) / host
