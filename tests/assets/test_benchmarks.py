@@ -29,6 +29,10 @@ def _lab(tmp_path, url, bench=None, **endpoint_changes):
     path = write_lab(tmp_path / "lab.yaml", endpoint_url=url)
     data = yaml.safe_load(path.read_text())
     data["endpoints"][0].update(endpoint_changes)
+    ep = data["endpoints"][0]
+    if ep["kind"] != "llamacpp":  # the typed llama-server flags, and its compose service, belong to llama.cpp
+        ep.pop("llamacpp", None)
+        data["services"] = [s for s in data.get("services", []) if s.get("endpoint") != ep["name"]]
     data["benchmarks"].update(bench or {})
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
