@@ -20,7 +20,7 @@ llama-cpp: system-deps
 	@dir=$$(scripts/build-llama-cpp.sh --dir); \
 	if [ ! -x "$$dir/llama-server" ]; then \
 	  echo "llama.cpp's llama-server and llama-quantize are not built on this machine yet: compiling them once"; \
-	  echo "(20-40 min on two cores; every later make, and every fresh clone here, reuses $$dir)"; \
+	  echo "(about 10 min on two cores, up to 20 when they are busy; every later make, and every fresh clone here, reuses $$dir)"; \
 	fi; \
 	PYTHON=$(PYTHON) scripts/build-llama-cpp.sh >/dev/null
 

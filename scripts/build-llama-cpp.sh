@@ -31,7 +31,7 @@ fi
 work=$(mktemp -d "$CACHE_ROOT/.build-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 echo "building llama.cpp (llama-server, llama-quantize) from llama-cpp-python $VERSION's source into $PREFIX;" >&2
-echo "this happens once per machine and takes about 8-15 min on 2 cores" >&2
+echo "this happens once per machine and takes about 10 min on 2 cores (up to 20 when they are busy)" >&2
 start=$(date +%s)
 "$PYTHON" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$VERSION" -d "$work" >&2
 tar -xzf "$work"/llama_cpp_python-"$VERSION".tar.gz -C "$work"
