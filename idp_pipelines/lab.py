@@ -241,6 +241,8 @@ class Vault(_Strict):
 class ModelCache(_Strict):
     path: LabPath
     budget_gb: float = Field(gt=0)
+    # Every cached file is re-hashed within this many days (a slice a day, schedules.rehash_cron).
+    rehash_days: int = Field(default=30, ge=1, le=3650)
 
 
 class Backup(_Strict):
@@ -287,6 +289,7 @@ class Schedules(_Strict):
     timezone: str = "UTC"
     benchmarks_cron: str = "0 2 * * *"
     backup_cron: str = "0 4 * * *"
+    rehash_cron: str = "0 3 * * *"  # the model cache's daily re-hash slice
 
 
 class Expectation(_Strict):

@@ -320,6 +320,43 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        20,
+        "model file lists and cache re-hashes",
+        """
+        -- What a complete snapshot of a model holds, recorded by hub_model before it fetches a byte:
+        -- model_cache_inventory compares the cache with the latest list of each model.
+        CREATE TABLE model_download_files (
+            planned_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            model VARCHAR NOT NULL,
+            repo_id VARCHAR NOT NULL,
+            commit_sha VARCHAR NOT NULL,
+            path VARCHAR NOT NULL,
+            size BIGINT NOT NULL,
+            hash VARCHAR NOT NULL,
+            algo VARCHAR NOT NULL
+        );
+        CREATE INDEX model_download_files_model ON model_download_files (model, planned_at);
+        -- One row per rotating re-hash of a slice of the model cache; cursor_to is where the next starts.
+        CREATE TABLE model_cache_rehashes (
+            rehashed_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            cache_dir VARCHAR NOT NULL,
+            period_days INTEGER NOT NULL,
+            cursor_from VARCHAR,
+            cursor_to VARCHAR,
+            wrapped BOOLEAN NOT NULL,
+            files INTEGER NOT NULL,
+            bytes BIGINT NOT NULL,
+            total_files INTEGER NOT NULL,
+            total_bytes BIGINT NOT NULL,
+            mismatches INTEGER NOT NULL,
+            findings JSON,
+            seconds DOUBLE NOT NULL
+        );
+        """,
+    ),
 ]
 
 
