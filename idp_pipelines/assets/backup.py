@@ -87,9 +87,9 @@ def build(inventory: Lab) -> dg.Definitions:
         from idp_pipelines.backup import Target
         from idp_pipelines.backup.checks import judge_coverage
         from idp_pipelines.backup.records import record_snapshot
-        from idp_pipelines.backup.snapshot import make_snapshot, manifest_of
+        from idp_pipelines.backup.snapshot import make_snapshot
         from idp_pipelines.backup.state import copy_locked_file, stage_state
-        from idp_pipelines.backup.verify import cache_content, coverage
+        from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
 
         inv = lab.load()
         target = Target.from_inventory(inv.backup)
@@ -109,7 +109,7 @@ def build(inventory: Lab) -> dg.Definitions:
         with wh.write() as con:
             record_snapshot(con, run_id=context.run.run_id, target=target.describe(), result=result)
         in_cache = cache_content(inv.model_cache.path)
-        gaps = coverage(in_cache, manifest_of(target, result.name)["files"])
+        gaps = coverage(in_cache, snapshot_files(target, result.name))
         context.log.info(f"snapshot {result.name}: {result.files_sent} file(s), {result.bytes_sent / 1e6:,.1f} MB sent "
                          f"in {result.seconds:.1f} s ({result.mb_per_s:,.1f} MB/s); its own size "
                          f"{result.own_bytes / 1e6:,.1f} MB of {result.apparent_bytes / 1e6:,.1f} MB")

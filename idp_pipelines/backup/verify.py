@@ -153,6 +153,11 @@ def cache_content(cache_dir: Path) -> dict[str, int]:
     return out
 
 
+def snapshot_files(target: Target, name: str) -> dict[str, int]:
+    """{path relative to the snapshot: size} of the files the snapshot holds now (a listing, no reading)."""
+    return {p: e.size for p, e in target.listing(name).items() if e.kind == "f"}
+
+
 def coverage(cache: Mapping[str, int], snapshot_files: Mapping[str, int]) -> list[dict]:
     """What the cache holds that the snapshot lacks or holds with another size."""
     gaps = []
