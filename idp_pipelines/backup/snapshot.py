@@ -41,6 +41,10 @@ EXCLUDES = ["- .*.tmp", "- *.idp-tmp", "- *.incomplete",
 # The first pass copies only content (Hub blobs, GGUF outputs); the second adds snapshots/, refs/ and the
 # rest, so snapshot symlinks never point at a blob that is not there yet.
 CONTENT_FIRST = ["+ /*/", "+ /*/blobs/***", "+ /blobs/***", "+ /gguf/***", "- *"]
+# ... and the second leaves the content alone, so no file is scanned twice (and --delete spares it).
+CONTENT_DONE = ["- /*/blobs/", "- /blobs/", "- /gguf/"]
+# rsync --itemize-changes: one line per created, updated or deleted entry
+_ITEM = re.compile(rb"^(\*deleting|[<>ch.][fdLDS][.+a-zA-Z?]{9})\s")
 
 _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+(\d+:\d\d:\d\d)")
 _STATS = {
@@ -59,6 +63,7 @@ class RsyncStats:
     files_sent: int = 0
     total_bytes: int = 0
     bytes_sent: int = 0
+    changes: int = 0  # itemized entries (with --itemize-changes)
 
     def add(self, other: RsyncStats) -> None:
         for k in ("files_sent", "bytes_sent"):
@@ -82,7 +87,7 @@ class SnapshotResult:
     state: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
+    unchanged: bool = False  # nothing changed since `name`, which stays the newest snapshot
 
     @property
     def mb_per_s(self) -> float:
@@ -102,10 +107,12 @@ def rsync_argv(target: Target, *, filters: list[str], link_dest: str | None, del
     # -a keeps symlinks as symlinks, times and modes; rsync ignores CACHEDIR.TAG, and no option here honours it.
     argv = ["rsync", "-a", "--no-inc-recursive", "--info=progress2", "--stats"]
     if dry_run:
-        argv.append("--dry-run")
+        # folder times are not content: a restaged state folder must not count as a change
+        argv += ["--dry-run", "--itemize-changes", "--omit-dir-times"]
     if delete:
-        # the destination is this run's own .partial folder: clears what a killed run left that is gone now
-        argv += ["--delete", "--delete-excluded"]
+        # the destination is this run's own .partial folder: clears what a killed run left that is gone now;
+        # excluded paths (the other pass's half of the tree) are spared
+        argv.append("--delete")
     if target.bwlimit_kib_s:
         argv.append(f"--bwlimit={target.bwlimit_kib_s}")
     if target.is_ssh:
@@ -127,6 +134,7 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
         except FileNotFoundError:
             raise BackupError("setpriv (util-linux) not found. Fix: apt-get install util-linux.") from None
         tail = bytearray()
+        items = 0
         buf = b""
         while chunk := proc.stdout.read1(65536):
             buf += chunk
@@ -138,6 +146,8 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
                     done = min(int(m[1].replace(b",", b"")), total) if total else int(m[1].replace(b",", b""))
                     progress(done, total, f"{label}: rsync at {m[2].decode()} %, {m[3].decode()}, "
                                           f"{m[4].decode()} elapsed")
+                elif _ITEM.match(line):
+                    items += 1
                 elif not m:
                     tail += line + b"\n"
         tail += buf
@@ -148,7 +158,7 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
     # 24: files vanished while rsync ran (a download finished, a temp file renamed): the rest is complete
     if code not in (0, 24):
         raise BackupError(f"rsync {label} failed (exit {code}): {stderr[-2000:] or text[-2000:]}")
-    stats = RsyncStats()
+    stats = RsyncStats(changes=items)
     for key, rx in _STATS.items():
         if m := rx.search(text):
             setattr(stats, key, int(m[1].replace(",", "")))
@@ -201,23 +211,26 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     def link(sub: str) -> str | None:
         return target.join(previous, sub) if previous else None
 
-    cache_src = f"{cache_dir}/"
-    jobs = [("cache", cache_src, f"{partial}/cache/", link("cache"))]
+    jobs = [("cache", f"{cache_dir}/", f"{partial}/cache/", link("cache"))]
     if state_dir is not None and state_dir.is_dir():
         jobs.append(("state", f"{state_dir}/", f"{partial}/state/", link("state")))
 
-    # free space: rsync's own dry run says what it would copy (unchanged files become links)
-    target.sh('mkdir -p "$1/cache" "$1/state"', target.join(partial), what="creating the snapshot folder")
+    # One dry run against the newest snapshot says what must be copied (for the free-space check) and
+    # whether anything changed at all: if nothing did, the newest snapshot already is today's.
     to_copy: dict[str, int] = {}
+    changes = 0
     for label, src, dest, ld in jobs:
-        dry = run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=ld, delete=True, dry_run=True)
-                        + [src, target.remote(dest)], label=f"{label} (dry run)")
+        against = f"{previous}/{label}/" if previous and resumed is None else dest
+        dry = run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True, dry_run=True)
+                        + [src, target.remote(against)], label=f"{label} (dry run)")
         to_copy[label] = dry.bytes_sent
+        changes += dry.changes
+    if previous and resumed is None and changes == 0:
+        log(f"nothing changed since snapshot {previous}: it stays the newest (no new snapshot made)")
+        return _unchanged(target, previous, complete, keep_daily, keep_weekly, time.monotonic() - started, log)
     needed = sum(to_copy.values())
     free = target.free_bytes()
     if needed + margin_bytes > free:
-        if resumed is None:
-            target.remove_tree(partial)
         raise BackupError(
             f"Not enough space on the backup target {target.describe()}: this snapshot needs {_gb(needed + margin_bytes)} "
             f"({_gb(needed)} to copy + {_gb(margin_bytes)} backup.free_space_margin_gb) and {_gb(free)} is free. "
@@ -225,14 +238,17 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
             "larger target.")
     log(f"snapshot {name} of {cache_dir} to {target.describe()}: {_gb(needed)} to copy, {_gb(free)} free"
         + (f", unchanged files linked to {previous}" if previous else " (the first snapshot: a full copy)"))
+    target.sh('mkdir -p "$1/cache" "$1/state"', target.join(partial), what="creating the snapshot folder")
 
     stats = RsyncStats()
     for label, src, dest, ld in jobs:
         if label == "cache":
-            stats.add(run_rsync(rsync_argv(target, filters=EXCLUDES + CONTENT_FIRST, link_dest=ld, delete=False)
+            # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files)
+            stats.add(run_rsync(rsync_argv(target, filters=EXCLUDES + CONTENT_FIRST, link_dest=ld, delete=True)
                                 + [src, target.remote(dest)], progress=progress, label="cache content",
                                 total=to_copy[label]))
-        stats.add(run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=ld, delete=True)
+        rest = EXCLUDES + CONTENT_DONE if label == "cache" else EXCLUDES
+        stats.add(run_rsync(rsync_argv(target, filters=rest, link_dest=ld, delete=True)
                             + [src, target.remote(dest)], progress=progress, label=label, total=to_copy[label]))
 
     entries = target.listing(partial)
@@ -260,6 +276,20 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         free_before=free, needed=needed, state=sorted(p.name for p in state_dir.iterdir() if p.is_dir())
         if state_dir is not None and state_dir.is_dir() else [],
         deleted=delete, kept=keep)
+
+
+def _unchanged(target: Target, name: str, complete: list[str], keep_daily: int, keep_weekly: int, seconds: float,
+               log: Callable[[str], None]) -> SnapshotResult:
+    manifest = manifest_of(target, name)
+    keep, delete = plan_retention(complete, keep_daily=keep_daily, keep_weekly=keep_weekly)
+    for old in delete:
+        log(f"retention: deleting snapshot {old} (keeping {keep_daily} daily, {keep_weekly} weekly)")
+        target.remove_tree(old)
+    return SnapshotResult(
+        name=name, previous=manifest.get("previous"), resumed=None, files=len(manifest["files"]), files_sent=0,
+        bytes_sent=0, seconds=seconds, own_bytes=0, apparent_bytes=sum(manifest["files"].values()), free_before=0,
+        needed=0, state=sorted({p.split("/")[1] for p in manifest["files"] if p.startswith("state/")}),
+        deleted=delete, kept=keep, unchanged=True)
 
 
 def newest(target: Target) -> str | None:

@@ -60,6 +60,16 @@ def test_a_second_snapshot_links_unchanged_files_and_copies_only_what_is_new(hub
     assert a.stat().st_ino == b.stat().st_ino  # a hard link: the unchanged blob costs an inode, not bytes
 
 
+def test_a_run_with_nothing_changed_keeps_the_newest_snapshot_as_it_is(cache, target, tmp_path):
+    first = _snap(cache, target, tmp_path, now=datetime(2026, 11, 1, 4, tzinfo=timezone.utc))
+    # a new download lock and a work file in progress are not changes of what is backed up
+    (cache.path / ".locks" / "models--lab--tiny-model" / "y.lock").write_text("")
+    (cache.path / "gguf" / ".new.gguf.1.tmp").write_text("x")
+    again = _snap(cache, target, tmp_path, now=datetime(2026, 11, 2, 4, tzinfo=timezone.utc))
+    assert again.unchanged and again.name == first.name and target.snapshots() == [first.name]
+    assert again.files_sent == 0 and again.files == first.files and again.apparent_bytes == first.apparent_bytes
+
+
 def test_coverage_names_a_blob_the_snapshot_lacks(cache, target, tmp_path):
     result = _snap(cache, target, tmp_path)
     snap = Path(target.path) / result.name / "cache"
@@ -165,6 +175,7 @@ def test_retention_on_the_target_keeps_exactly_the_plan(cache, target, tmp_path)
     start = datetime(2026, 10, 1, 4, tzinfo=timezone.utc)
     made = []
     for d in range(9):
+        (cache.path / "gguf" / f"day-{d}.gguf").write_bytes(os.urandom(1000))  # something new every day
         made.append(_snap(cache, target, tmp_path, now=start + timedelta(days=d), keep_daily=2, keep_weekly=2).name)
     assert target.snapshots() == plan_retention(made, keep_daily=2, keep_weekly=2)[0] == [
         "2026-10-04T04-00-00Z", "2026-10-08T04-00-00Z", "2026-10-09T04-00-00Z"]
