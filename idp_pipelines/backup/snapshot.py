@@ -242,14 +242,24 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
 
     stats = RsyncStats()
     for label, src, dest, ld in jobs:
-        if label == "cache":
-            # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files)
-            stats.add(run_rsync(rsync_argv(target, filters=EXCLUDES + CONTENT_FIRST, link_dest=ld, delete=True)
-                                + [src, target.remote(dest)], progress=progress, label="cache content",
-                                total=to_copy[label]))
-        rest = EXCLUDES + CONTENT_DONE if label == "cache" else EXCLUDES
-        stats.add(run_rsync(rsync_argv(target, filters=rest, link_dest=ld, delete=True)
-                            + [src, target.remote(dest)], progress=progress, label=label, total=to_copy[label]))
+        # progress over the whole job (both passes of the cache), against what the dry run said to copy
+        total, base = to_copy[label], stats.bytes_sent
+
+        def report(done: int, _total: int, message: str, total=total, base=base) -> None:
+            if progress is not None:
+                progress(min(base + done, total), total, message)
+
+        passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
+            if label == "cache" else [(label, EXCLUDES)]
+        for i, (what, filters) in enumerate(passes):
+            # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
+            # each pass spares the other's half, which its filters exclude
+            done = run_rsync(rsync_argv(target, filters=filters, link_dest=ld, delete=True)
+                             + [src, target.remote(dest)], progress=report, label=what, total=total)
+            stats.add(done)
+            base += done.bytes_sent
+        if progress is not None:
+            progress(total, total, f"{label}: copied")
 
     entries = target.listing(partial)
     files = [e for e in entries.values() if e.kind == "f"]

@@ -237,5 +237,9 @@ def ensure_tools(*tools: str) -> None:
 
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
+        packages = sorted({_PACKAGES.get(t, t) for t in missing})
         raise BackupError(f"{', '.join(missing)} not found on PATH (host {os.uname().nodename}). "
-                          f"Fix: apt-get install {' '.join(missing)}.")
+                          f"Fix: apt-get install {' '.join(packages)}.")
+
+
+_PACKAGES = {"ssh": "openssh-client", "setpriv": "util-linux"}

@@ -42,11 +42,15 @@ def _checks(result) -> dict[str, dg.AssetCheckEvaluation]:
 def test_model_then_backup_then_verification_with_checks_restore_and_drill(lab, tmp_path):
     path, defs, instance = lab
     home = tmp_path / "idp-home"
-    assert dg.materialize([_asset(defs, "hub_model")], partition_key="tiny-llama", instance=instance,
-                          resources=defs.resources).success
+    # the model and its quantizations, made by llama.cpp's quantizer, their hashes in the warehouse
+    assert dg.materialize([_asset(defs, "hub_model"), _asset(defs, "gguf_model")], partition_key="tiny-llama",
+                          instance=instance, resources=defs.resources).success
     result = dg.materialize([_asset(defs, "cache_backup"), _asset(defs, "backup_verification")], instance=instance,
-                            resources=defs.resources)
+                            resources=defs.resources,
+                            run_config={"ops": {"backup_verification": {"config": {"full": True}}}})
     assert result.success
+    logs = [e.user_message for e in instance.all_logs(result.run_id)]
+    assert any(m.endswith("MB (100 %): cache: copied") for m in logs), [m for m in logs if "MB" in m]
     (snap,) = result.asset_materializations_for_node("cache_backup")
     md = {k: v.value for k, v in snap.metadata.items()}
     name = md["snapshot"]
@@ -57,6 +61,11 @@ def test_model_then_backup_then_verification_with_checks_restore_and_drill(lab, 
                            "dagster": f"absent: {home / 'dagster'}", "keys": f"absent: {home / 'secrets'}"}
     checks = _checks(result)
     assert checks[BACKUP_COVERAGE].passed and checks[BACKUP_INTACT].passed, checks
+    (ver,) = result.asset_materializations_for_node("backup_verification")
+    # the Hub blob, both GGUF outputs (by the warehouse's hashes) and the warehouse copy (by the manifest's)
+    assert ver.metadata["files_hashed"].value == 4
+    ggufs = list((home / "backup" / name / "cache" / "gguf" / "tiny-llama").rglob("*.gguf"))
+    assert sorted(p.name.split(".")[-2] for p in ggufs) == ["Q4_K_M", "Q8_0"]
     # the warehouse in the snapshot is a consistent DuckDB file that opens and holds the download
     with duckdb.connect(str(home / "backup" / name / "state" / "warehouse" / "wh.duckdb"), read_only=True) as con:
         assert con.execute("SELECT model FROM model_downloads").fetchall() == [("tiny-llama",)]
