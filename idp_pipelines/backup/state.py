@@ -61,14 +61,17 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def _copy_file(s: Path, d: Path) -> None:
-    if s.is_symlink():
-        os.symlink(os.readlink(s), d)
-    elif not s.is_file():
-        return  # sockets and fifos (a server's runtime files) are not state
-    elif _is_sqlite(s):
-        _copy_sqlite(s, d)
-    else:
-        shutil.copy2(s, d)
+    try:
+        if s.is_symlink():
+            os.symlink(os.readlink(s), d)
+        elif not s.is_file():
+            return  # sockets and fifos (a server's runtime files) are not state
+        elif _is_sqlite(s):
+            _copy_sqlite(s, d)
+        else:
+            shutil.copy2(s, d)
+    except FileNotFoundError:
+        pass  # removed while the tree was walked (a live Dagster instance prunes its logs): not state any more
 
 
 def stage_state(sources: dict[str, Path], staging: Path, *, warehouse_copy: Callable[[Path], None] | None = None,
