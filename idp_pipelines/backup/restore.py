@@ -66,7 +66,7 @@ def restore(target: Target, snapshot: str, source: str, dest: Path, *, overwrite
             log: Callable[[str], None] = lambda m: None) -> RestoreResult:
     """Copy `<snapshot>/<source>/` of the target into `dest` (created if needed), times kept."""
     ensure_tools("rsync", *(["ssh"] if target.is_ssh else []))
-    if target.listing(snapshot) == {}:
+    if snapshot not in target.snapshots():
         raise BackupError(f"No snapshot {snapshot!r} on {target.describe()} (it has {target.snapshots()}). "
                           "Fix: choose one of those, or 'newest'.")
     if not target.listing(f"{snapshot}/{source}"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -24,12 +25,17 @@ def test_snapshot_verification_and_drill_over_ssh(cache, sshd, tmp_path):
     target = Target.from_inventory(load_lab(lab_file).backup)
     assert target.is_ssh and target.describe() == f"root@127.0.0.1:{far}"
 
-    first = make_snapshot(cache.path, target, lock_path=tmp_path / "lock")
+    first = make_snapshot(cache.path, target, lock_path=tmp_path / "lock", now=datetime(2026, 11, 1, tzinfo=timezone.utc))
     assert first.bytes_sent == first.apparent_bytes and first.files_sent == first.files
     snap = far / first.name / "cache"
     assert (snap / cache.snapshot_link).is_symlink()  # written by rsync over SSH, link kept
-    second = make_snapshot(cache.path, target, lock_path=tmp_path / "lock")
-    assert second.files_sent == 0 and second.own_bytes == 0 and target.snapshots() == [second.name]
+    same = make_snapshot(cache.path, target, lock_path=tmp_path / "lock")
+    assert same.unchanged and same.name == first.name  # nothing changed: no new snapshot
+    (cache.path / "gguf" / "new.gguf").write_bytes(b"GGUF" + bytes(4000))
+    second = make_snapshot(cache.path, target, lock_path=tmp_path / "lock", now=datetime(2026, 11, 2, tzinfo=timezone.utc))
+    assert second.files_sent == 1 and second.own_bytes == 4004 and second.previous == first.name
+    a, b = (far / n / "cache" / cache.blob_lfs for n in (first.name, second.name))
+    assert a.stat().st_ino == b.stat().st_ino  # --link-dest over SSH: unchanged blobs are hard links
     assert coverage(cache_content(cache.path), snapshot_files(target, second.name)) == []
 
     with cache.warehouse.read() as con:
