@@ -195,3 +195,15 @@ def test_an_invalid_cache_or_an_unreachable_target_says_what_and_where(tmp_path)
 def test_the_target_link_check_passes_on_a_linux_filesystem(target):
     target.check_links()  # ext4/tmpfs keep both; the refusal text is asserted in test_checks
     assert not [n for n in os.listdir(target.path) if n.startswith(".idp-linkcheck")]
+
+
+def test_never_two_backups_at_once(cache, target, tmp_path):
+    from idp_pipelines.locks import file_lock
+
+    lock = tmp_path / "backup.lock"
+    with file_lock(lock, timeout_s=1, what="the backup lock", fix="-", holder="cache_backup run 1234"):
+        with pytest.raises(BackupError) as err:
+            make_snapshot(cache.path, target, lock_path=lock, lock_timeout_s=0.5)
+    assert str(err.value).startswith(f"Waited 0 s for the backup lock {lock}, held by cache_backup run 1234 (pid ")
+    assert str(err.value).endswith("Fix: only one backup runs at a time; let the running one finish.")
+    assert target.snapshots() == []
