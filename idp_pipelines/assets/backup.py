@@ -6,13 +6,14 @@ import time
 import warnings
 from datetime import timedelta
 from pathlib import Path
+from typing import get_args
 
 import dagster as dg
 
 from idp_pipelines import settings
 from idp_pipelines.assets.common import Throttle
 from idp_pipelines.backup.checks import BACKUP_COVERAGE, BACKUP_INTACT, RESTORE_DRILL
-from idp_pipelines.lab import Lab
+from idp_pipelines.lab import BackupState, Lab
 from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import LabResource, WarehouseResource
 
@@ -20,7 +21,6 @@ __all__ = ["BACKUP_COVERAGE", "BACKUP_INTACT", "RESTORE_DRILL", "build", "state_
 
 BACKUP_JOB = "cache_backup_job"
 NEW_ARTEFACTS = (dg.AssetKey("hub_model"), dg.AssetKey("gguf_model"))
-STATE_ITEMS = ("warehouse", "mlflow", "dagster", "keys", "vault")
 _ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
            dg.DagsterRunStatus.STARTED]
 
@@ -225,32 +225,21 @@ def build(inventory: Lab) -> dg.Definitions:
                             warehouse: WarehouseResource) -> None:
         from idp_pipelines.backup import BackupError, Target
         from idp_pipelines.backup.records import record_restore
-        from idp_pipelines.backup.restore import restore
+        from idp_pipelines.backup.restore import check_what, restore, restore_plan
         from idp_pipelines.backup.snapshot import manifest_of, newest
 
         inv = lab.load()
-        if config.what not in ("model", "cache", *STATE_ITEMS):
-            raise BackupError(f"restore: what={config.what!r} is unknown. Fix: model (with model: <name>), cache, or "
-                              f"one of {', '.join(STATE_ITEMS)}.")
+        check_what(config.what, get_args(BackupState))
         target = Target.from_inventory(inv.backup)
         snap = newest(target) if config.snapshot == "newest" else config.snapshot
         if snap is None:
             raise BackupError(f"No complete snapshot on {target.describe()} to restore from. Fix: materialise "
                               "cache_backup first.")
-        cache = inv.model_cache.path
-        if config.what == "model":
-            model = inv.model(config.model)
-            repo_dir = "models--" + model.repo_id.replace("/", "--")
-            parts = [(f"cache/{repo_dir}", Path(config.dest) / repo_dir if config.dest else cache / repo_dir)]
-            # its quantizations, when the snapshot has any
-            if any(p.startswith(f"cache/gguf/{model.name}/") for p in manifest_of(target, snap)["files"]):
-                parts.append((f"cache/gguf/{model.name}", (Path(config.dest) if config.dest else cache)
-                              / "gguf" / model.name))
-        elif config.what == "cache":
-            parts = [("cache", Path(config.dest) if config.dest else cache)]
-        else:
-            parts = [(f"state/{config.what}", Path(config.dest) if config.dest
-                      else settings.idp_home() / "restored" / snap / config.what)]
+        model = inv.model(config.model) if config.what == "model" and config.model else None
+        parts = restore_plan(config.what, snapshot_files=list(manifest_of(target, snap)["files"]),
+                             cache=inv.model_cache.path, state_home=settings.idp_home() / "restored", snapshot=snap,
+                             dest=Path(config.dest) if config.dest else None, model=model and model.name,
+                             repo_id=model and model.repo_id, state_items=get_args(BackupState))
         for source, dest in parts:
             result = restore(target, snap, source, dest, overwrite=config.overwrite, progress=_progress(context.log),
                              log=context.log.info)

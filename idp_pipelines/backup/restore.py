@@ -89,6 +89,36 @@ def restore(target: Target, snapshot: str, source: str, dest: Path, *, overwrite
                          differ)
 
 
+def check_what(what: str, state_items: tuple[str, ...]) -> None:
+    if what not in ("model", "cache", *state_items):
+        raise BackupError(f"restore: what={what!r} is unknown. Fix: model (with model: <name>), cache, or one of "
+                          f"{', '.join(state_items)}.")
+
+
+def restore_plan(what: str, *, snapshot_files: list[str], cache: Path, state_home: Path, snapshot: str,
+                 dest: Path | None, model: str | None = None, repo_id: str | None = None,
+                 state_items: tuple[str, ...] = ()) -> list[tuple[str, Path]]:
+    """(folder of the snapshot, destination) pairs for the restore job's `what`.
+
+    A model is its Hub repo folder and, when the snapshot has them, its GGUF outputs; they go back into
+    the cache unless `dest` is given. State goes to `state_home/<snapshot>/<item>` by default: a live
+    warehouse or Dagster storage is never overwritten under a running lab.
+    """
+    check_what(what, state_items)
+    if what == "model":
+        if not model or not repo_id:
+            raise BackupError("restore: what=model needs model: <name of a model of the inventory>.")
+        repo_dir = "models--" + repo_id.replace("/", "--")
+        root = dest or cache
+        plan = [(f"cache/{repo_dir}", root / repo_dir)]
+        if any(p.startswith(f"cache/gguf/{model}/") for p in snapshot_files):
+            plan.append((f"cache/gguf/{model}", root / "gguf" / model))
+        return plan
+    if what == "cache":
+        return [("cache", dest or cache)]
+    return [(f"state/{what}", dest or state_home / snapshot / what)]
+
+
 @dataclass(frozen=True)
 class DrillReport:
     snapshot: str

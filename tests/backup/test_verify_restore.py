@@ -192,3 +192,17 @@ def test_a_missing_snapshot_or_model_is_a_clear_error(cache, target, snapshot, t
         restore(target, "2020-01-01T00-00-00Z", "cache", tmp_path / "x")
     with pytest.raises(BackupError, match=r"holds nothing under cache/models--nobody--x. Fix: check the model name"):
         restore(target, snapshot, "cache/models--nobody--x", tmp_path / "x")
+
+
+def test_restore_plans():
+    from idp_pipelines.backup.restore import restore_plan
+
+    files = ["cache/models--org--m/blobs/ab", "cache/gguf/m/abc/m.Q8_0.gguf"]
+    common = {"snapshot_files": files, "cache": Path("/c"), "state_home": Path("/h/restored"), "snapshot": "S",
+              "state_items": ("warehouse", "keys")}
+    assert restore_plan("model", dest=None, model="m", repo_id="org/m", **common) == [
+        ("cache/models--org--m", Path("/c/models--org--m")), ("cache/gguf/m", Path("/c/gguf/m"))]
+    assert restore_plan("cache", dest=Path("/new"), **common) == [("cache", Path("/new"))]
+    assert restore_plan("keys", dest=None, **common) == [("state/keys", Path("/h/restored/S/keys"))]
+    with pytest.raises(BackupError, match=r"what=model needs model: <name"):
+        restore_plan("model", dest=None, **common)
