@@ -361,7 +361,7 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         70,
         "backup snapshots, verifications and restores",
         """
-        -- One row per complete snapshot cache_backup made on a target.
+        -- One row per cache_backup run: the snapshot it made, or the newest one when nothing changed.
         CREATE TABLE backup_snapshots (
             made_at TIMESTAMPTZ NOT NULL,
             dagster_run_id VARCHAR,
@@ -378,7 +378,8 @@ MIGRATIONS: list[tuple[int, str, str]] = [
             apparent_bytes BIGINT NOT NULL,
             free_before BIGINT,
             state VARCHAR[],
-            deleted VARCHAR[]
+            deleted VARCHAR[],
+            unchanged BOOLEAN NOT NULL  -- nothing changed: `snapshot` is the newest one, no new folder made
         );
         -- One row per verification of a snapshot; cursor_to is where the next rotating slice starts.
         CREATE TABLE backup_verifications (

@@ -118,6 +118,7 @@ def build(inventory: Lab) -> dg.Definitions:
             metadata={
                 "target": target.describe(),
                 "snapshot": result.name,
+                "unchanged": result.unchanged,
                 "previous": result.previous or "",
                 "resumed": result.resumed or "",
                 "files": dg.MetadataValue.int(result.files),

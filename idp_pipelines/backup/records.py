@@ -30,6 +30,7 @@ def record_snapshot(con: duckdb.DuckDBPyConnection, *, run_id: str | None, targe
         "files_sent": result.files_sent, "bytes_sent": result.bytes_sent, "seconds": result.seconds,
         "mb_per_s": result.mb_per_s, "own_bytes": result.own_bytes, "apparent_bytes": result.apparent_bytes,
         "free_before": result.free_before, "state": result.state, "deleted": result.deleted,
+        "unchanged": result.unchanged,
     }])
 
 

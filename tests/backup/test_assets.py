@@ -70,7 +70,8 @@ def test_model_then_backup_then_verification_with_checks_restore_and_drill(lab, 
     with duckdb.connect(str(home / "backup" / name / "state" / "warehouse" / "wh.duckdb"), read_only=True) as con:
         assert con.execute("SELECT model FROM model_downloads").fetchall() == [("tiny-llama",)]
     with Warehouse(tmp_path / "wh.duckdb").read() as con:
-        assert con.execute("SELECT snapshot, files_sent > 0 FROM backup_snapshots").fetchall() == [(name, True)]
+        assert con.execute("SELECT snapshot, files_sent > 0, unchanged FROM backup_snapshots").fetchall() == [
+            (name, True, False)]
         assert con.execute("SELECT snapshot, problems FROM backup_verifications").fetchall() == [(name, 0)]
 
     drill = defs.resolve_job_def("restore_drill_job").execute_in_process(instance=instance)
