@@ -3,7 +3,7 @@
 import dagster as dg
 
 from idp_pipelines import settings
-from idp_pipelines.assets import benchmarks, deploy, endpoints, knowledge, models, tracking
+from idp_pipelines.assets import backup, benchmarks, deploy, endpoints, knowledge, models, tracking
 from idp_pipelines.lab import Lab, load_lab
 from idp_pipelines.resources import HubResource, LabResource, MLflowResource, WarehouseResource
 
@@ -46,6 +46,7 @@ def build_defs(inventory: Lab) -> dg.Definitions:
         knowledge.build(inventory),
         tracking.build(inventory),
         deploy.build(inventory),
+        backup.build(inventory),
         dg.Definitions(sensors=[automation_sensor()], resources=resources()),
     )
 

@@ -383,6 +383,66 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         ALTER TABLE benchmark_runs ADD COLUMN errors JSON;
         """,
     ),
+    (
+        70,
+        "backup snapshots, verifications and restores",
+        """
+        -- One row per cache_backup run: the snapshot it made, or the newest one when nothing changed.
+        CREATE TABLE backup_snapshots (
+            made_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            target VARCHAR NOT NULL,
+            snapshot VARCHAR NOT NULL,
+            previous VARCHAR,
+            resumed VARCHAR,
+            files BIGINT NOT NULL,
+            files_sent BIGINT NOT NULL,
+            bytes_sent BIGINT NOT NULL,
+            seconds DOUBLE NOT NULL,
+            mb_per_s DOUBLE,
+            own_bytes BIGINT NOT NULL,
+            apparent_bytes BIGINT NOT NULL,
+            free_before BIGINT,
+            state VARCHAR[],
+            deleted VARCHAR[],
+            unchanged BOOLEAN NOT NULL  -- nothing changed: `snapshot` is the newest one, no new folder made
+        );
+        -- One row per verification of a snapshot; cursor_to is where the next rotating slice starts.
+        CREATE TABLE backup_verifications (
+            verified_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            target VARCHAR NOT NULL,
+            snapshot VARCHAR NOT NULL,
+            full_pass BOOLEAN NOT NULL,
+            period INTEGER NOT NULL,
+            cursor_from VARCHAR,
+            cursor_to VARCHAR,
+            wrapped BOOLEAN NOT NULL,
+            files BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            total_files BIGINT NOT NULL,
+            total_bytes BIGINT NOT NULL,
+            problems INTEGER NOT NULL,
+            findings JSON,
+            seconds DOUBLE NOT NULL
+        );
+        -- Restores (the restore job) and restore drills (the weekly check).
+        CREATE TABLE backup_restores (
+            restored_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            target VARCHAR NOT NULL,
+            snapshot VARCHAR NOT NULL,
+            source VARCHAR NOT NULL,
+            dest VARCHAR,
+            files BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            seconds DOUBLE NOT NULL,
+            overwritten VARCHAR[],
+            drill BOOLEAN NOT NULL,
+            problems JSON
+        );
+        """,
+    ),
 ]
 
 
