@@ -4,7 +4,9 @@
 
 Prints figures; asserts nothing. The file is generated in a temp dir and deleted afterwards.
 download_model's time includes resolving the revision, listing files and hashing every byte (sha256),
-so the ratio shows the price of verification on top of the transfer itself.
+so the ratio shows the price of verification on top of the transfer itself. The last lines time one
+re-hash slice of the cache (model_cache_rehash) at the default 30-day period and for the whole cache: the
+daily cost of reading every byte once a period.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ def main() -> None:
 
         from idp_pipelines.embedded.hubserver import HubServer
 
-        from idp_pipelines.hub import download_model, hash_file
+        from idp_pipelines.files import hash_file
+        from idp_pipelines.hub import download_model
+        from idp_pipelines.hub.rehash import rehash_slice
 
         src = tmp / "repo"
         src.mkdir()
@@ -79,6 +83,8 @@ def main() -> None:
             cache = tmp / "cache-rerun"
             download_model("bench/model", "main", cache_dir=cache, endpoint=hub.url)
             rerun = download_model("bench/model", "main", cache_dir=cache, endpoint=hub.url)
+            whole = rehash_slice(cache, period_days=1, cursor=None)
+            daily = rehash_slice(cache, period_days=30, cursor=None)
 
         mb = size / 1e6
         curl_mbs = mb / min(curl_s)
@@ -92,6 +98,10 @@ def main() -> None:
             f"rerun, nothing new       : {rerun.seconds:7.3f} s  bytes downloaded {rerun.bytes_downloaded},"
             f" files hashed {rerun.files_hashed}"
         )
+        print(f"re-hash, whole cache     : {whole.seconds:7.2f} s  {whole.slice.bytes / 1e6 / whole.seconds:8.1f} MB/s"
+              f"  ({len(whole.checked)} blobs, {whole.slice.bytes / 1e6:.0f} MB)")
+        print(f"re-hash, 1/30 slice      : {daily.seconds:7.2f} s  ({daily.slice.describe()}; a slice never splits"
+              " a file, so a cache of one big file is read whole on one day of the 30)")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
-"""Time llama.cpp quantization of the tiny test model (not a test).
+"""Time llama.cpp's `llama-quantize` on the tiny test model (not a test).
 
     .venv/bin/python benchmarks/bench_quantize.py [--reps 5] [--nthread 0] [--types Q8_0 Q4_K_M]
 
 Prints, per source dtype (F32, F16) and quant type, the median / min / max wall time of
-llama_model_quantize (``QuantResult.seconds``) and of the whole quantize_gguf call (validation, sha256,
-read-back, rename: ``total_seconds``), plus the output size and ratio.
+the quantization as llama-quantize reports it (``QuantResult.seconds``) and of the whole quantize_gguf call
+(validation, sha256, starting the process, read-back, rename: ``total_seconds``), plus the output size and
+ratio.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'total median':>13} {'out bytes':>10} {'ratio':>6}")
         for src_dtype in ("f32", "f16"):
             src = write_tiny_gguf(d / f"tiny-{src_dtype}.gguf", dtype=src_dtype)
-            quantize_gguf(src, d / "warmup.gguf", args.types[0], nthread=args.nthread)  # load libllama once
+            quantize_gguf(src, d / "warmup.gguf", args.types[0], nthread=args.nthread)  # warm the page cache
             for q in args.types:
                 quant, total = [], []
                 for i in range(args.reps):

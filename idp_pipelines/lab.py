@@ -349,12 +349,81 @@ class Vault(_Strict):
 class ModelCache(_Strict):
     path: LabPath
     budget_gb: float = Field(gt=0)
+    # Every cached file is re-hashed within this many days (a slice a day, schedules.rehash_cron).
+    rehash_days: int = Field(default=30, ge=1, le=3650)
+
+
+# `[user@]host:/path`: rsync's remote form. A local path never has a ':' before its first '/'.
+_SSH_TARGET = re.compile(r"^(?:(?P<user>[A-Za-z0-9._-]+)@)?(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*):(?P<path>.*)$")
+BackupState = Literal["warehouse", "mlflow", "dagster", "keys", "vault"]
+
+
+class BackupSsh(_Strict):
+    """How rsync and the verification reach an SSH target (`backup.target: host:/path`)."""
+
+    user: str | None = None            # default: the user in the target, else ssh's own default
+    port: int = Field(default=22, ge=1, le=65535)
+    identity_file: LabPath | None = None
+    known_hosts: LabPath | None = None  # the host key must be in it: no trust on first use
 
 
 class Backup(_Strict):
-    target: LabPath
-    method: Literal["rsync", "restic"] = "rsync"
+    """Daily hard-link snapshots of the model cache (and the state that cannot be downloaded again)."""
+
+    target: str  # a local path, a mounted share, or [user@]host:/path over SSH
+    method: str = "rsync"
     keep_daily: int = Field(default=7, ge=1)
+    keep_weekly: int = Field(default=4, ge=0)
+    host: str | None = None  # the host that holds the model cache and runs rsync (hosts[].name)
+    free_space_margin_gb: float = Field(default=1.0, ge=0)  # left free on the target after a snapshot
+    bwlimit_kib_s: int | None = Field(default=None, ge=1)  # rsync --bwlimit, KiB/s
+    verify_days: int = Field(default=28, ge=1, le=3650)  # every target file re-hashed within this many runs
+    debounce_s: int = Field(default=600, ge=0)  # after a new model artefact, wait this long for more
+    drill_cron: str = "0 5 * * 0"  # the weekly restore drill (a random model restored into a temp cache)
+    include: list[BackupState] = Field(default_factory=lambda: ["warehouse", "mlflow", "dagster", "keys"])
+    ssh: BackupSsh = Field(default_factory=BackupSsh)
+
+    @field_validator("method")
+    @classmethod
+    def _rsync_only(cls, v: str) -> str:
+        if v == "restic":
+            raise ValueError(
+                "method 'restic' is not implemented: backups are rsync hard-link snapshots, a plain tree on "
+                "the target that `cp -a` or rsync restores without any tool, and the Hub cache is already "
+                "content-addressed (restic's deduplication would add a repository format and gain nothing). "
+                "Fix: write method: rsync (or remove the key).")
+        if v != "rsync":
+            raise ValueError(f"method {v!r} is unknown. Fix: use method: rsync.")
+        return v
+
+    @field_validator("target")
+    @classmethod
+    def _target(cls, v: str, info: ValidationInfo) -> str:
+        if not v.strip():
+            raise ValueError("target is empty. Fix: a local path, a mounted share or host:/path over SSH.")
+        m = _SSH_TARGET.match(v)
+        if m and not v.startswith(("/", ".", "~")):
+            if not m["path"].startswith("/"):
+                raise ValueError(f"target {v!r}: the path on {m['host']} must be absolute (rsync would take it "
+                                 f"relative to the remote home). Fix: write {m['host']}:/{m['path'] or 'path'}.")
+            return v
+        return str(_resolve_path(Path(v), info))
+
+    @property
+    def ssh_host(self) -> str | None:
+        """The SSH host of a `host:/path` target, None for a local path or mounted share."""
+        m = _SSH_TARGET.match(self.target)
+        return m["host"] if m and not self.target.startswith(("/", ".", "~")) else None
+
+    @property
+    def ssh_user(self) -> str | None:
+        m = _SSH_TARGET.match(self.target)
+        return (m["user"] if m and self.ssh_host else None) or self.ssh.user
+
+    @property
+    def path(self) -> str:
+        """The target's folder: on the SSH host for a remote target, else on this machine."""
+        return _SSH_TARGET.match(self.target)["path"] if self.ssh_host else self.target
 
 
 class MLflow(_Strict):
@@ -395,6 +464,7 @@ class Schedules(_Strict):
     timezone: str = "UTC"
     benchmarks_cron: str = "0 2 * * *"
     backup_cron: str = "0 4 * * *"
+    rehash_cron: str = "0 3 * * *"  # the model cache's daily re-hash slice
 
 
 class Expectation(_Strict):
@@ -737,6 +807,7 @@ def _cross_references(lab: Lab) -> list[str]:
                 problems.append(
                     f"endpoints[{i}].llamacpp.{field}: {value} is more than the {cpu.threads} hardware threads of "
                     f"host {ep.host!r}. Fix: use at most {cpu.threads} (hosts[].cpu.threads).")
+    ref(lab.backup.host, hosts, "host", "backup.host")
     for i, m in enumerate(lab.models):
         for j, h in enumerate(m.serve_on):
             ref(h, hosts, "host", f"models[{i}].serve_on[{j}]")

@@ -320,6 +320,102 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        20,
+        "model file lists and cache re-hashes",
+        """
+        -- What a complete snapshot of a model holds, recorded by hub_model before it fetches a byte:
+        -- model_cache_inventory compares the cache with the latest list of each model.
+        CREATE TABLE model_download_files (
+            planned_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            model VARCHAR NOT NULL,
+            repo_id VARCHAR NOT NULL,
+            commit_sha VARCHAR NOT NULL,
+            path VARCHAR NOT NULL,
+            size BIGINT NOT NULL,
+            hash VARCHAR NOT NULL,
+            algo VARCHAR NOT NULL
+        );
+        CREATE INDEX model_download_files_model ON model_download_files (model, planned_at);
+        -- One row per rotating re-hash of a slice of the model cache; cursor_to is where the next starts.
+        CREATE TABLE model_cache_rehashes (
+            rehashed_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            cache_dir VARCHAR NOT NULL,
+            period_days INTEGER NOT NULL,
+            cursor_from VARCHAR,
+            cursor_to VARCHAR,
+            wrapped BOOLEAN NOT NULL,
+            files INTEGER NOT NULL,
+            bytes BIGINT NOT NULL,
+            total_files INTEGER NOT NULL,
+            total_bytes BIGINT NOT NULL,
+            mismatches INTEGER NOT NULL,
+            findings JSON,
+            seconds DOUBLE NOT NULL
+        );
+        """,
+    ),
+    (
+        70,
+        "backup snapshots, verifications and restores",
+        """
+        -- One row per complete snapshot cache_backup made on a target.
+        CREATE TABLE backup_snapshots (
+            made_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            target VARCHAR NOT NULL,
+            snapshot VARCHAR NOT NULL,
+            previous VARCHAR,
+            resumed VARCHAR,
+            files BIGINT NOT NULL,
+            files_sent BIGINT NOT NULL,
+            bytes_sent BIGINT NOT NULL,
+            seconds DOUBLE NOT NULL,
+            mb_per_s DOUBLE,
+            own_bytes BIGINT NOT NULL,
+            apparent_bytes BIGINT NOT NULL,
+            free_before BIGINT,
+            state VARCHAR[],
+            deleted VARCHAR[]
+        );
+        -- One row per verification of a snapshot; cursor_to is where the next rotating slice starts.
+        CREATE TABLE backup_verifications (
+            verified_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            target VARCHAR NOT NULL,
+            snapshot VARCHAR NOT NULL,
+            full_pass BOOLEAN NOT NULL,
+            period INTEGER NOT NULL,
+            cursor_from VARCHAR,
+            cursor_to VARCHAR,
+            wrapped BOOLEAN NOT NULL,
+            files BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            total_files BIGINT NOT NULL,
+            total_bytes BIGINT NOT NULL,
+            problems INTEGER NOT NULL,
+            findings JSON,
+            seconds DOUBLE NOT NULL
+        );
+        -- Restores (the restore job) and restore drills (the weekly check).
+        CREATE TABLE backup_restores (
+            restored_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            target VARCHAR NOT NULL,
+            snapshot VARCHAR NOT NULL,
+            source VARCHAR NOT NULL,
+            dest VARCHAR,
+            files BIGINT NOT NULL,
+            bytes BIGINT NOT NULL,
+            seconds DOUBLE NOT NULL,
+            overwritten VARCHAR[],
+            drill BOOLEAN NOT NULL,
+            problems JSON
+        );
+        """,
+    ),
 ]
 
 

@@ -16,13 +16,25 @@ FOLLOW_UPDATES = (
 
 
 class Throttle:
-    """Long work reports progress every `every_s` seconds, and always its last step, not every chunk."""
+    """Routine progress every `every_s` seconds, and always its last step, not every chunk.
 
-    def __init__(self, emit: Callable[[str], None], every_s: float = 10.0) -> None:
+    Only routine progress is ever dropped: `warning()` and `error()` always reach the log (through `warn`
+    and `error`, or `emit` when those are not given), and they do not reset the progress interval.
+    """
+
+    def __init__(self, emit: Callable[[str], None], every_s: float = 10.0, *,
+                 warn: Callable[[str], None] | None = None, error: Callable[[str], None] | None = None) -> None:
         self.emit, self.every_s, self.last = emit, every_s, float("-inf")
+        self._warn, self._error = warn or emit, error or emit
 
     def __call__(self, message: str, final: bool = False) -> None:
         now = time.monotonic()
         if final or now - self.last >= self.every_s:
             self.last = now
             self.emit(message)
+
+    def warning(self, message: str) -> None:
+        self._warn(message)
+
+    def error(self, message: str) -> None:
+        self._error(message)

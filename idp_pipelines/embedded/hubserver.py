@@ -144,6 +144,7 @@ class HubServer:
         self.log: list[tuple[str, str, int]] = []  # (method, path, status)
         self._drops: dict[tuple[str, str], _Fault] = {}
         self._corruptions: dict[tuple[str, str], _Fault] = {}
+        self._statuses: dict[tuple[str, str], tuple[int, _Fault]] = {}
         self._lock = threading.Lock()
         self._commit_counter = 0
         self._httpd: _Server | None = None
@@ -263,6 +264,11 @@ class HubServer:
         with self._lock:
             self._corruptions[(repo_id, path)] = _Fault(times, at)
 
+    def fail_status(self, repo_id: str, path: str, status: int, *, times: int | None = None) -> None:
+        """Answer requests for `path` on /resolve/ with HTTP `status` and no error code; `times=None`: always."""
+        with self._lock:
+            self._statuses[(repo_id, path)] = (status, _Fault(times, None))
+
     def hide_file(self, repo_id: str, path: str) -> None:
         """Keep `path` in the listing but answer 404 EntryNotFound on /resolve/."""
         with self._lock:
@@ -272,6 +278,7 @@ class HubServer:
         with self._lock:
             self._drops.clear()
             self._corruptions.clear()
+            self._statuses.clear()
             for repo in self.repos.values():
                 repo.hidden.clear()
 
@@ -541,6 +548,11 @@ class _Handler(BaseHTTPRequestHandler):
         f = tree.get(filename)
         if f is None or filename in repo.hidden:
             raise _NotFound(404, "EntryNotFound", f"{filename} does not exist on this revision", {"X-Repo-Commit": sha})
+        with self.hub._lock:
+            failing = self.hub._statuses.get((repo_id, filename))
+            status_fault = failing[0] if failing is not None and failing[1].fire() else None
+        if status_fault is not None:
+            raise _NotFound(status_fault, "", f"injected HTTP {status_fault}")
 
         start, end = 0, f.size
         status = 200

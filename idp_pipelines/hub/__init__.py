@@ -13,7 +13,6 @@ from .download import (
     resolve_revision,
 )
 from .errors import HubError
-from .verify import hash_file
 
 __all__ = [
     "DownloadPlan",
@@ -25,7 +24,6 @@ __all__ = [
     "check_space",
     "download_model",
     "local_snapshot",
-    "hash_file",
     "plan_download",
     "resolve_revision",
 ]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,11 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from idp_pipelines.files import atomic_write, hash_file
+
 from .errors import HubError, hub_errors
-from .verify import VerifiedRecord, hash_file
+from .verify import VerifiedRecord
 
 Progress = Callable[[int, int, str], None]
-"""progress(bytes_done, bytes_total, message); may be called from worker threads."""
+"""progress(bytes_done, bytes_total, message); may be called from worker threads. done <= total always."""
+Warn = Callable[[str], None]
+"""warn(message): something the user must see (a hash mismatch repaired); never throttled by the caller."""
 
 _SHA_RE = re.compile(r"^[0-9a-f]{40}$")
 _GLOB_CHARS = set("*?[")
@@ -79,6 +82,8 @@ class DownloadedFile:
     local_path: Path  # inside the snapshot (a symlink to the blob on most systems)
     hashed_now: bool  # False: matched the verified record, not re-read
     redownloaded: bool
+    bad_hash: str | None = None  # what the copy that failed verification hashed to (or "<missing>", "<size n>")
+    bad_copy: str | None = None  # "cache": the copy found in the cache was bad; "download": the fresh one was
 
 
 @dataclass(frozen=True)
@@ -102,6 +107,11 @@ class DownloadResult:
     @property
     def files_hashed(self) -> int:
         return sum(f.hashed_now for f in self.files)
+
+    @property
+    def repaired_files(self) -> tuple[DownloadedFile, ...]:
+        """Files whose copy failed verification and were fetched again (and then verified)."""
+        return tuple(f for f in self.files if f.redownloaded)
 
 
 # -- helpers ---------------------------------------------------------------------------------------
@@ -149,23 +159,39 @@ def cache_size(cache_dir: str | Path) -> int:
 
 
 class _Meter:
-    """Counts bytes received through huggingface_hub's `tqdm_class` hook and reports progress."""
+    """Counts bytes received through huggingface_hub's `tqdm_class` hook and reports progress.
+
+    `done` never exceeds `total`: a file fetched again (after a hash mismatch) first gives back the share
+    it already counted, or, if it came from the cache, adds its size to the total. `received` counts
+    every byte that crossed the wire, retries included.
+    """
 
     def __init__(self, progress: Progress | None, total: int, label: str) -> None:
         self.progress, self.total, self.label = progress, total, label
         self.done = 0
+        self.received = 0
         self._lock = threading.Lock()
         self._last_report = 0.0
 
     def add(self, n: int) -> None:
         with self._lock:
-            self.done += n
+            self.done = max(0, self.done + n)  # huggingface_hub rewinds (n < 0) when a resume restarts at 0
+            self.received += max(n, 0)
             now = time.monotonic()
             due = now - self._last_report >= 1.0 or self.done >= self.total
             if due:
                 self._last_report = now
+            done, total = min(self.done, self.total), self.total
         if due and self.progress is not None:
-            self.progress(self.done, self.total, self.label)
+            self.progress(done, total, self.label)
+
+    def restart_file(self, size: int, counted: bool) -> None:
+        """A file is fetched again: reset its share (counted: its bytes were part of this run's total)."""
+        with self._lock:
+            if counted:
+                self.done = max(0, self.done - size)
+            else:
+                self.total += size
 
     def bar_class(self) -> type:
         meter = self
@@ -210,26 +236,28 @@ class _Meter:
 
 
 def resolve_revision(
-    repo_id: str, revision: str | None, *, endpoint: str | None = None, token: str | None = None
+    repo_id: str, revision: str | None, *, endpoint: str | None = None, token: str | None = None,
+    lab_file: str = "lab.yaml",
 ) -> str:
     """The 40-hex commit sha of `revision` (branch, tag or sha; None means "main"), checked on the Hub."""
     from huggingface_hub import HfApi
 
     token, endpoint = _token(token), _endpoint(endpoint)
     with hub_errors(
-        action="resolving the revision of", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token
+        action="resolving the revision of", repo_id=repo_id, revision=revision, endpoint=endpoint, token=token,
+        lab_file=lab_file,
     ):
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision or "main")
     sha = info.sha or ""
     if not _SHA_RE.fullmatch(sha):
         raise HubError(
             f"{endpoint} returned no commit sha for '{repo_id}' at revision '{revision}' (got {sha!r}). "
-            "Check that HF_ENDPOINT points to a Hugging Face Hub."
+            f"Check that the `hub.endpoint` field of {lab_file} points to a Hugging Face Hub."
         )
     if revision and _SHA_RE.fullmatch(revision) and sha != revision:
         raise HubError(
             f"Asked for commit {revision} of '{repo_id}' but {endpoint} answered with {sha}. "
-            "Check revision in lab.yaml."
+            f"Check the model's `revision` in {lab_file}."
         )
     return sha
 
@@ -242,6 +270,7 @@ def plan_download(
     ignore_patterns: str | Sequence[str] | None = None,
     endpoint: str | None = None,
     token: str | None = None,
+    lab_file: str = "lab.yaml",
 ) -> DownloadPlan:
     """List the files of `repo_id` at commit `sha` that the patterns select, with sizes and hashes (a dry run)."""
     from huggingface_hub import HfApi, RepoFile
@@ -252,7 +281,8 @@ def plan_download(
             f"plan_download needs a 40-hex commit sha for '{repo_id}', got {sha!r}: call resolve_revision first."
         )
     token, endpoint = _token(token), _endpoint(endpoint)
-    with hub_errors(action="listing the files of", repo_id=repo_id, revision=sha, endpoint=endpoint, token=token):
+    with hub_errors(action="listing the files of", repo_id=repo_id, revision=sha, endpoint=endpoint, token=token,
+                    lab_file=lab_file):
         entries = [
             e
             for e in HfApi(endpoint=endpoint, token=token).list_repo_tree(repo_id, revision=sha, recursive=True)
@@ -270,7 +300,7 @@ def plan_download(
         else PlannedFile(e.path, e.size, e.blob_id, "git-sha1")
         for e in sorted(selected, key=lambda e: e.path)
     )
-    return _checked_plan(DownloadPlan(repo_id, sha, files), entries, allow_patterns, ignore_patterns)
+    return _checked_plan(DownloadPlan(repo_id, sha, files), entries, allow_patterns, ignore_patterns, lab_file)
 
 
 def _as_list(patterns: str | Sequence[str] | None) -> list[str] | None:
@@ -279,7 +309,8 @@ def _as_list(patterns: str | Sequence[str] | None) -> list[str] | None:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
-def _checked_plan(plan: DownloadPlan, entries: list, allow_patterns, ignore_patterns) -> DownloadPlan:
+def _checked_plan(plan: DownloadPlan, entries: list, allow_patterns, ignore_patterns,
+                  lab_file: str = "lab.yaml") -> DownloadPlan:
     """Refuse plans that cannot be what was meant: nothing selected, or a named file that does not exist."""
     from huggingface_hub.utils import filter_repo_objects
 
@@ -303,12 +334,13 @@ def _checked_plan(plan: DownloadPlan, entries: list, allow_patterns, ignore_patt
         )
         raise HubError(
             f"In '{plan.repo_id}' at commit {plan.sha}, {what}. The repo has: {listing or 'no files'}. "
-            "Fix the files / allow_patterns of this model in lab.yaml."
+            f"Fix the files / allow_patterns of this model in {lab_file}."
         )
     return plan
 
 
-def check_space(plan: DownloadPlan, cache_dir: str | Path, budget_bytes: int | None = None) -> None:
+def check_space(plan: DownloadPlan, cache_dir: str | Path, budget_bytes: int | None = None,
+                lab_file: str = "lab.yaml") -> None:
     """Raise HubError if the missing files do not fit on the disk or in the cache's size budget."""
     cache_dir = Path(cache_dir)
     needed = plan.missing_bytes(cache_dir)
@@ -320,7 +352,7 @@ def check_space(plan: DownloadPlan, cache_dir: str | Path, budget_bytes: int | N
     if needed > free:
         raise HubError(
             f"Not enough disk space for {where}: needs {_gb(needed)}, {_gb(free)} free on {disk}. "
-            "Free some space, move model_cache in lab.yaml to a bigger disk, or narrow allow_patterns."
+            f"Free some space, move `model_cache.path` in {lab_file} to a bigger disk, or narrow allow_patterns."
         )
     if budget_bytes is not None:
         used = cache_size(cache_dir) if cache_dir.exists() else 0
@@ -329,7 +361,7 @@ def check_space(plan: DownloadPlan, cache_dir: str | Path, budget_bytes: int | N
             raise HubError(
                 f"The model cache budget does not fit {where}: needs {_gb(needed)}, {_gb(left)} available "
                 f"({_gb(used)} of {_gb(budget_bytes)} used in {cache_dir}). Delete unused models "
-                "(`hf cache rm`), raise the budget of model_cache in lab.yaml, or narrow allow_patterns."
+                f"(`hf cache rm`), raise `model_cache.budget_gb` in {lab_file}, or narrow allow_patterns."
             )
 
 
@@ -345,12 +377,18 @@ def download_model(
     endpoint: str | None = None,
     budget_bytes: int | None = None,
     progress: Progress | None = None,
+    warn: Warn | None = None,
+    on_plan: Callable[[DownloadPlan], None] | None = None,
+    lab_file: str = "lab.yaml",
 ) -> DownloadResult:
     """Download `repo_id` at `revision` into the HF cache, pinned to one commit, every file hash-checked.
 
     The revision is resolved to a sha once and everything after uses that sha, so a branch moving
     mid-download cannot mix two commits. Files whose blobs were verified before (same size and mtime)
-    are not read again; a rerun with nothing new makes no file request and hashes nothing.
+    are not read again; a rerun with nothing new makes no file request and hashes nothing. A file that
+    fails verification is reported through `warn` (file, both hashes), fetched again and verified again.
+    `on_plan(plan)` is called once the file list is known and fits, before any byte is fetched: the
+    caller records what a complete snapshot holds, so a download that fails half-way is seen as such.
     """
     from huggingface_hub import snapshot_download
 
@@ -358,14 +396,19 @@ def download_model(
     token, endpoint = _token(token), _endpoint(endpoint)
     cache_dir = Path(cache_dir).expanduser().absolute()
 
-    sha = resolve_revision(repo_id, revision, endpoint=endpoint, token=token)
+    sha = resolve_revision(repo_id, revision, endpoint=endpoint, token=token, lab_file=lab_file)
     plan = plan_download(
-        repo_id, sha, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, endpoint=endpoint, token=token
+        repo_id, sha, allow_patterns=allow_patterns, ignore_patterns=ignore_patterns, endpoint=endpoint, token=token,
+        lab_file=lab_file,
     )
-    check_space(plan, cache_dir, budget_bytes)
+    check_space(plan, cache_dir, budget_bytes, lab_file)
+    if on_plan is not None:
+        on_plan(plan)
 
-    meter = _Meter(progress, plan.missing_bytes(cache_dir), f"downloading {repo_id}@{sha[:12]}")
-    with hub_errors(action="downloading", repo_id=repo_id, revision=sha, endpoint=endpoint, token=token):
+    missing = plan.missing(cache_dir)
+    meter = _Meter(progress, sum(f.size for f in missing), f"downloading {repo_id}@{sha[:12]}")
+    with hub_errors(action="downloading", repo_id=repo_id, revision=sha, endpoint=endpoint, token=token,
+                    lab_file=lab_file):
         snapshot = Path(
             snapshot_download(
                 repo_id,
@@ -380,7 +423,9 @@ def download_model(
             )
         )
 
-    files = _verify_snapshot(plan, snapshot, cache_dir, meter, max_workers, endpoint, token, progress)
+    fetched = {f.path for f in missing}
+    files = _verify_snapshot(plan, snapshot, cache_dir, meter, max_workers, endpoint, token, progress, warn,
+                             fetched, lab_file)
     if revision and revision != sha:
         _write_ref(_storage_folder(cache_dir, repo_id), revision, sha)
     return DownloadResult(
@@ -389,7 +434,7 @@ def download_model(
         sha=sha,
         snapshot_path=snapshot,
         files=files,
-        bytes_downloaded=meter.done,
+        bytes_downloaded=meter.received,
         seconds=time.monotonic() - started,
     )
 
@@ -434,6 +479,9 @@ def _verify_snapshot(
     endpoint: str,
     token: str | None,
     progress: Progress | None,
+    warn: Warn | None = None,
+    fetched: set[str] | frozenset[str] = frozenset(),
+    lab_file: str = "lab.yaml",
 ) -> tuple[DownloadedFile, ...]:
     from huggingface_hub import hf_hub_download
 
@@ -448,7 +496,7 @@ def _verify_snapshot(
             with lock:
                 hashed_bytes += f.size
                 done = hashed_bytes
-            progress(done, plan.total_bytes, f"verified {f.path}")
+            progress(done, plan.total_bytes, f"{'verified' if ok else 'hash mismatch in'} {f.path}")
         return f, ok, actual
 
     with ThreadPoolExecutor(max_workers=max(1, max_workers)) as pool:
@@ -459,18 +507,25 @@ def _verify_snapshot(
     try:
         for f, ok, actual in results:
             pointer = snapshot / f.path
-            redownloaded = False
+            redownloaded, bad_hash, bad_copy = False, None, None
             if not ok:
+                bad_hash = actual
+                bad_copy = "download" if f.path in fetched else "cache"
+                where = (f"as just downloaded from {endpoint}" if bad_copy == "download"
+                         else f"in the model cache ({_blob_of(pointer)})")
+                if warn is not None:
+                    warn(f"hash mismatch: '{f.path}' of '{plan.repo_id}'@{plan.sha[:12]} {where}: expected "
+                         f"{f.algo} {f.hash}, got {actual}; removing that copy and downloading it again")
                 _discard(pointer, record)
-                if progress is not None:
-                    progress(0, f.size, f"re-downloading {f.path}: hash mismatch")
+                meter.restart_file(f.size, counted=f.path in fetched)
                 with hub_errors(
-                    action="re-downloading a file that failed verification from",
+                    action="re-downloading",
                     repo_id=plan.repo_id,
                     revision=plan.sha,
                     endpoint=endpoint,
                     token=token,
                     filename=f.path,
+                    lab_file=lab_file,
                 ):
                     hf_hub_download(
                         plan.repo_id,
@@ -502,6 +557,8 @@ def _verify_snapshot(
                 local_path=pointer,
                 hashed_now=actual is not None,
                 redownloaded=redownloaded,
+                bad_hash=bad_hash,
+                bad_copy=bad_copy,
             )
     finally:
         record.save()  # keep what did verify, even when some file failed
@@ -520,11 +577,7 @@ def _write_ref(storage: Path, revision: str, sha: str) -> None:
     try:
         if ref.is_file() and ref.read_text() == sha:
             return
-        ref.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".ref.", dir=ref.parent)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(sha)
-        os.replace(tmp, ref)
+        atomic_write(ref, sha)
     except OSError:
         pass  # best effort, as in huggingface_hub: a read-only cache still serves the snapshot by sha
 

@@ -271,7 +271,7 @@ def scan_model_cache(
         )
     if not cache_dir.is_dir():
         raise HubError(
-            f"The model cache path {cache_dir} is not a directory (it is a file). Point model_cache in "
+            f"The model cache path {cache_dir} is not a directory (it is a file). Point `model_cache.path` in "
             "lab.yaml at a directory holding a huggingface_hub cache (models--<org>--<name>/...), or remove "
             "the file."
         )

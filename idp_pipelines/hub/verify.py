@@ -1,36 +1,17 @@
-"""File hashing as the Hub does it, and the record of blobs already verified."""
+"""The record of blobs already verified (hashing itself is idp_pipelines.files.hash_file)."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-CHUNK_SIZE = 1024 * 1024
+from idp_pipelines.files import atomic_write
 
 # huggingface_hub's scan_cache_dir() reports any unknown entry at the top of the cache as a corrupted repo,
 # but skips `.locks/`; the record lives there so `hf cache` tools stay quiet.
 RECORD_NAME = os.path.join(".locks", "idp-verified.json")
-
-
-def hash_file(path: Path, algo: str) -> str:
-    """sha256 of the content (`algo="sha256"`) or its git blob sha1 (`algo="git-sha1"`), in 1 MiB chunks."""
-    size = path.stat().st_size
-    if algo == "sha256":
-        h = hashlib.sha256()
-    elif algo == "git-sha1":
-        h = hashlib.sha1(b"blob %d\0" % size)
-    else:
-        raise ValueError(f"unknown hash algorithm {algo!r}")
-    buf = bytearray(CHUNK_SIZE)
-    view = memoryview(buf)
-    with path.open("rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(view[:n])
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -91,16 +72,8 @@ class VerifiedRecord:
         # Merge with what another run may have written meanwhile, drop blobs that are gone, write atomically.
         merged = {**self._read(), **self._entries}
         merged = {k: v for k, v in merged.items() if k not in self._forgotten and (self.cache_dir / k).exists()}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"version": 1, "blobs": {k: [v.size, v.mtime_ns, v.algo, v.hash] for k, v in sorted(merged.items())}}
-        fd, tmp = tempfile.mkstemp(prefix=".idp-verified.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(payload, f)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, json.dumps(payload))
         self._entries = merged
         self._forgotten.clear()
         self._dirty = False

@@ -13,7 +13,6 @@ from idp_pipelines.quantize.gguf_quant import (
     normalize_quant_type,
     quant_type_names,
     quantize_gguf,
-    sha256_file,
     smoke_generate,
     source_dtype,
 )
@@ -31,7 +30,6 @@ __all__ = [
     "normalize_quant_type",
     "quant_type_names",
     "quantize_gguf",
-    "sha256_file",
     "smoke_generate",
     "source_dtype",
 ]

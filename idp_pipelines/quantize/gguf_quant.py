@@ -1,30 +1,31 @@
-"""GGUF quantization core: llama.cpp's quantizer (through llama-cpp-python) plus GGUF inspection.
+"""GGUF quantization core: llama.cpp's own `llama-quantize` and `llama-simple` binaries plus GGUF inspection.
 
-Plain Python, no Dagster. ``numpy``, ``gguf`` and ``llama_cpp`` are imported inside functions so importing
-this module is cheap.
+Plain Python, no Dagster. ``numpy`` and ``gguf`` are imported inside functions so importing this module is
+cheap; the binaries come from :func:`idp_pipelines.llama_tools.tool` (built once per machine).
 
 - :func:`quantize_gguf` quantizes an F32/F16/BF16 GGUF to a named type (Q4_K_M, Q8_0, ...) atomically:
-  llama.cpp writes a temporary file next to the destination, which is moved into place with ``os.replace``
-  only after it was read back successfully; on any failure the temporary file is removed and the
-  destination is untouched.
+  `llama-quantize` writes a temporary file next to the destination, which is moved into place with
+  ``os.replace`` only after it was read back successfully; on any failure the temporary file is removed and
+  the destination is untouched.
 - :func:`inspect_gguf` summarises a GGUF file (architecture, tensor types, tensors not in the expected type).
-- :func:`smoke_generate` loads a GGUF with ``llama_cpp.Llama`` and generates a few tokens.
+- :func:`smoke_generate` loads a GGUF with `llama-simple` and generates a few tokens greedily.
 - :func:`expected_size_ratio` gives plausible (low, high) bounds of dst_size / src_size.
 """
 
 from __future__ import annotations
 
-import ctypes
-import hashlib
 import os
+import re
+import subprocess
 import tempfile
-import threading
 import time
 from collections import Counter
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+
+from idp_pipelines.files import sha256_file
 
 __all__ = [
     "QuantizeError",
@@ -41,7 +42,6 @@ __all__ = [
     "source_dtype",
     "quantize_gguf",
     "smoke_generate",
-    "sha256_file",
 ]
 
 
@@ -49,38 +49,34 @@ class QuantizeError(Exception):
     """A quantization input or step failed. The message names the file and how to fix it."""
 
 
-# name -> (llama_cpp constant, expected 2-D tensor types in the output of a llama-style model).
+# name -> (llama_ftype value of llama.h, expected 2-D tensor types in the output of a llama-style model).
 # The expected sets follow llama.cpp's mixture rules (src/llama-quant.cpp): e.g. Q4_K_M keeps output.weight
 # and about half of attn_v / ffn_down in Q6_K; the legacy types (Q4_0, Q5_x) put output.weight in Q6_K.
 # Types that need an importance matrix (IQ1/IQ2/IQ3_XXS, Q2_K_S) are left out on purpose.
-QUANT_TYPES: dict[str, tuple[str, frozenset[str]]] = {
-    "F32": ("LLAMA_FTYPE_ALL_F32", frozenset({"F32"})),
-    "F16": ("LLAMA_FTYPE_MOSTLY_F16", frozenset({"F16"})),
-    "BF16": ("LLAMA_FTYPE_MOSTLY_BF16", frozenset({"BF16"})),
-    "Q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", frozenset({"Q8_0"})),
-    "Q4_0": ("LLAMA_FTYPE_MOSTLY_Q4_0", frozenset({"Q4_0", "Q6_K"})),
-    "Q4_1": ("LLAMA_FTYPE_MOSTLY_Q4_1", frozenset({"Q4_1", "Q6_K"})),
-    "Q5_0": ("LLAMA_FTYPE_MOSTLY_Q5_0", frozenset({"Q5_0", "Q6_K"})),
-    "Q5_1": ("LLAMA_FTYPE_MOSTLY_Q5_1", frozenset({"Q5_1", "Q6_K"})),
-    "Q2_K": ("LLAMA_FTYPE_MOSTLY_Q2_K", frozenset({"Q2_K", "Q3_K", "Q4_K", "Q6_K"})),
-    "Q3_K_S": ("LLAMA_FTYPE_MOSTLY_Q3_K_S", frozenset({"Q3_K", "Q6_K"})),
-    "Q3_K_M": ("LLAMA_FTYPE_MOSTLY_Q3_K_M", frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K"})),
-    "Q3_K_L": ("LLAMA_FTYPE_MOSTLY_Q3_K_L", frozenset({"Q3_K", "Q5_K", "Q6_K"})),
-    "Q4_K_S": ("LLAMA_FTYPE_MOSTLY_Q4_K_S", frozenset({"Q4_K", "Q5_K", "Q6_K"})),
-    "Q4_K_M": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", frozenset({"Q4_K", "Q6_K"})),
-    "Q5_K_S": ("LLAMA_FTYPE_MOSTLY_Q5_K_S", frozenset({"Q5_K", "Q6_K"})),
-    "Q5_K_M": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", frozenset({"Q5_K", "Q6_K"})),
-    "Q6_K": ("LLAMA_FTYPE_MOSTLY_Q6_K", frozenset({"Q6_K"})),
-    "IQ4_NL": ("LLAMA_FTYPE_MOSTLY_IQ4_NL", frozenset({"IQ4_NL", "Q5_K", "Q6_K"})),
-    "IQ4_XS": ("LLAMA_FTYPE_MOSTLY_IQ4_XS", frozenset({"IQ4_XS", "Q5_K", "Q6_K"})),
+QUANT_TYPES: dict[str, tuple[int, frozenset[str]]] = {
+    "F32": (0, frozenset({"F32"})),
+    "F16": (1, frozenset({"F16"})),
+    "BF16": (32, frozenset({"BF16"})),
+    "Q8_0": (7, frozenset({"Q8_0"})),
+    "Q4_0": (2, frozenset({"Q4_0", "Q6_K"})),
+    "Q4_1": (3, frozenset({"Q4_1", "Q6_K"})),
+    "Q5_0": (8, frozenset({"Q5_0", "Q6_K"})),
+    "Q5_1": (9, frozenset({"Q5_1", "Q6_K"})),
+    "Q2_K": (10, frozenset({"Q2_K", "Q3_K", "Q4_K", "Q6_K"})),
+    "Q3_K_S": (11, frozenset({"Q3_K", "Q6_K"})),
+    "Q3_K_M": (12, frozenset({"Q3_K", "Q4_K", "Q5_K", "Q6_K"})),
+    "Q3_K_L": (13, frozenset({"Q3_K", "Q5_K", "Q6_K"})),
+    "Q4_K_S": (14, frozenset({"Q4_K", "Q5_K", "Q6_K"})),
+    "Q4_K_M": (15, frozenset({"Q4_K", "Q6_K"})),
+    "Q5_K_S": (16, frozenset({"Q5_K", "Q6_K"})),
+    "Q5_K_M": (17, frozenset({"Q5_K", "Q6_K"})),
+    "Q6_K": (18, frozenset({"Q6_K"})),
+    "IQ4_NL": (25, frozenset({"IQ4_NL", "Q5_K", "Q6_K"})),
+    "IQ4_XS": (30, frozenset({"IQ4_XS", "Q5_K", "Q6_K"})),
 }
 
-# llama_ftype values (llama.h) -> our names, to read general.file_type without importing llama_cpp.
-_FTYPE_VALUES: dict[int, str] = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 8: "Q5_0", 9: "Q5_1", 10: "Q2_K",
-    11: "Q3_K_S", 12: "Q3_K_M", 13: "Q3_K_L", 14: "Q4_K_S", 15: "Q4_K_M", 16: "Q5_K_S", 17: "Q5_K_M",
-    18: "Q6_K", 25: "IQ4_NL", 30: "IQ4_XS", 32: "BF16",
-}
+# llama_ftype values -> our names, to read general.file_type of a GGUF.
+_FTYPE_VALUES: dict[int, str] = {ftype: name for name, (ftype, _) in QUANT_TYPES.items()}
 
 SOURCE_DTYPES = ("F32", "F16", "BF16")
 
@@ -134,13 +130,13 @@ class QuantResult:
     src_bytes: int
     dst_bytes: int
     size_ratio: float  # dst_bytes / src_bytes
-    seconds: float  # llama_model_quantize wall time only
+    seconds: float  # llama-quantize's own "quantize time" (the wall time of the run if it printed none)
     total_seconds: float  # including validation, hashing and the read-back
     nthread: int
-    params: dict[str, Any]  # llama_model_quantize_params used
+    params: dict[str, Any]  # what llama-quantize was asked: ftype, nthread, allow_requantize, tool
     tensor_types: dict[str, int]  # output tensor type -> count
     fallbacks: dict[str, str]  # output 2-D tensors not in the expected types of quant_type
-    llama_log_tail: str = ""  # last lines llama.cpp logged during quantization
+    llama_log_tail: str = ""  # last lines llama-quantize printed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -165,17 +161,8 @@ def normalize_quant_type(quant_type: str) -> str:
 
 
 def ftype_for(quant_type: str) -> int:
-    """The llama_cpp LLAMA_FTYPE_* value for a quant type name (needs llama_cpp)."""
-    name = normalize_quant_type(quant_type)
-    llama_cpp = _import_llama_cpp()
-    const = QUANT_TYPES[name][0]
-    try:
-        return int(getattr(llama_cpp, const))
-    except AttributeError:  # pragma: no cover - depends on the installed llama_cpp version
-        raise QuantizeError(
-            f"llama_cpp {getattr(llama_cpp, '__version__', '?')} has no {const} for quant type {name}; "
-            "pick another type or upgrade llama-cpp-python"
-        ) from None
+    """llama.h's LLAMA_FTYPE_* value for a quant type name (what general.file_type of the output holds)."""
+    return QUANT_TYPES[normalize_quant_type(quant_type)][0]
 
 
 def expected_tensor_types(quant_type: str) -> frozenset[str]:
@@ -307,74 +294,49 @@ def source_dtype(summary: GGUFSummary) -> str:
 # ---------------------------------------------------------------------------------------------- llama.cpp
 
 
-def _import_llama_cpp():
+def _tool(name: str) -> Path:
+    from idp_pipelines.llama_tools import LlamaToolsError, tool
+
     try:
-        import llama_cpp
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise QuantizeError(
-            f"llama_cpp is not importable ({exc}); install llama-cpp-python[server]==0.3.36 into the venv"
-        ) from exc
-    return llama_cpp
+        return tool(name)
+    except LlamaToolsError as exc:
+        raise QuantizeError(str(exc)) from exc
 
 
-_LOG_LOCK = threading.Lock()
-
-
-@contextmanager
-def _capture_llama_log(lines: list[str]) -> Iterator[None]:
-    """Collect llama.cpp log lines into ``lines`` (the log callback is global: restored afterwards)."""
-    llama_cpp = _import_llama_cpp()
-    try:
-        from llama_cpp import _logger as lc_logger
-    except Exception:  # pragma: no cover
-        lc_logger = None
-
-    @llama_cpp.llama_log_callback
-    def _cb(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:  # pragma: no cover - C callback
-        try:
-            lines.append(text.decode("utf-8", "replace"))
-        except Exception:
-            pass
-
-    with _LOG_LOCK:
-        llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
-        try:
-            yield
-        finally:
-            if lc_logger is not None:
-                llama_cpp.llama_log_set(lc_logger.llama_log_callback, ctypes.c_void_p(0))
-            else:  # pragma: no cover
-                llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
-            _cb_keepalive.append(_cb)  # the C side may still hold the pointer briefly
-            del _cb_keepalive[:-4]
-
-
-_cb_keepalive: list[Any] = []
-
-
-def _params_dict(params) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for fname, _ctype in params._fields_:
-        value = getattr(params, fname)
-        if isinstance(value, (int, float, bool)):
-            out[fname] = value
-        else:  # pointers
-            out[fname] = None if not value else "set"
-    return out
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 4 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _error_lines(log: list[str]) -> str:
-    text = "".join(log)
-    keep = [ln.strip() for ln in text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
+def _error_lines(output: str) -> str:
+    keep = [ln.strip() for ln in output.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
     return "; ".join(keep[-3:])
+
+
+def _exit_text(rc: int) -> str:
+    return f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+
+
+# `[  12/ 291] blk.1.attn_v.weight - [...], type = f16, converting to q6_K .. size = ...` (src/llama-quant.cpp)
+_TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_QUANTIZE_MS = re.compile(r"quantize time =\s*([0-9.]+) ms")
+
+Progress = Callable[[int, int, str], None]  # (tensors done, tensors total, tensor name)
+
+
+def _run_quantize(argv: list[str], progress: Progress | None) -> tuple[int, str]:
+    """Run llama-quantize, streaming its merged output so a long run reports progress per tensor."""
+    lines: list[str] = []
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                          text=True, errors="replace", bufsize=1) as proc:
+        try:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                if progress is not None and (m := _TENSOR_LINE.match(line)):
+                    progress(int(m.group(1)), int(m.group(2)), m.group(3))
+            rc = proc.wait()
+        except BaseException:
+            # An interrupted run (a Dagster termination, Ctrl-C) must not leave llama-quantize writing.
+            proc.kill()
+            proc.wait()
+            raise
+    return rc, "".join(lines)
 
 
 def quantize_gguf(
@@ -383,12 +345,14 @@ def quantize_gguf(
     quant_type: str,
     *,
     nthread: int | None = None,
+    progress: Progress | None = None,
 ) -> QuantResult:
-    """Quantize the F32/F16/BF16 GGUF ``src`` to ``dst`` as ``quant_type`` with llama.cpp.
+    """Quantize the F32/F16/BF16 GGUF ``src`` to ``dst`` as ``quant_type`` with llama.cpp's `llama-quantize`.
 
-    Atomic: llama.cpp writes ``.<dst name>.<random>.tmp`` next to ``dst``; it is read back with GGUFReader
-    and moved to ``dst`` with os.replace. On any failure the temporary file is removed and ``dst`` is left
-    as it was. ``nthread`` None/<=0 lets llama.cpp use all hardware threads.
+    Atomic: `llama-quantize` writes ``.<dst name>.<random>.tmp`` next to ``dst``; it is read back with
+    GGUFReader and moved to ``dst`` with os.replace. On any failure the temporary file is removed and ``dst``
+    is left as it was. ``nthread`` None/<=0 lets llama.cpp use all hardware threads. ``progress(done, total,
+    tensor)`` is called per tensor.
     """
     t_total = time.perf_counter()
     qname = normalize_quant_type(quant_type)
@@ -406,7 +370,7 @@ def quantize_gguf(
     if dst_p.is_dir():
         raise QuantizeError(f"destination {dst_p} is a directory; pass a file path such as {dst_p / 'model.gguf'}")
 
-    llama_cpp = _import_llama_cpp()
+    binary = _tool("llama-quantize")
     ftype = ftype_for(qname)
 
     try:
@@ -418,26 +382,30 @@ def quantize_gguf(
             f"cannot write to the destination directory {dst_p.parent} for {dst_p.name}: {exc}; "
             "choose a writable output path or fix the directory permissions"
         ) from exc
-    tmp = Path(tmp_name)
+    tmp = Path(tmp_name).absolute()
 
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = int(nthread) if nthread and nthread > 0 else 0
-    log: list[str] = []
+    threads = int(nthread) if nthread and nthread > 0 else 0
+    # Absolute paths: llama-quantize reads a second positional argument that parses as a type name or a
+    # number ("7", "q8_0") as the type, not as the output path; an absolute path never does.
+    argv = [str(binary), str(src_p.absolute()), str(tmp), qname] + ([str(threads)] if threads else [])
+    params = {"tool": "llama-quantize", "ftype": ftype, "nthread": threads, "allow_requantize": False}
     try:
         src_sha = sha256_file(src_p)
         t0 = time.perf_counter()
-        with _capture_llama_log(log):
-            rc = llama_cpp.llama_model_quantize(
-                os.fsencode(src_p), os.fsencode(tmp), ctypes.byref(params)
-            )
-        seconds = time.perf_counter() - t0
+        try:
+            rc, output = _run_quantize(argv, progress)
+        except OSError as exc:
+            raise QuantizeError(f"cannot run {binary} for {src_p}: {exc}; rebuild llama.cpp's tools "
+                                "(`make install`)") from exc
+        wall = time.perf_counter() - t0
         if rc != 0:
-            detail = _error_lines(log) or f"return code {rc}"
+            detail = _error_lines(output) or _exit_text(rc)
             raise QuantizeError(
                 f"llama.cpp failed to quantize {src_p} to {qname}: {detail}; check that the source is a "
                 "complete F32/F16/BF16 GGUF of a llama.cpp-supported architecture and that the disk has room"
             )
+        m = _QUANTIZE_MS.search(output)
+        seconds = float(m.group(1)) / 1000 if m else wall
         try:
             out_summary = inspect_gguf(tmp, qname)
         except QuantizeError as exc:
@@ -472,12 +440,18 @@ def quantize_gguf(
         size_ratio=dst_bytes / src_bytes if src_bytes else float("nan"),
         seconds=seconds,
         total_seconds=time.perf_counter() - t_total,
-        nthread=params.nthread or (os.cpu_count() or 1),
-        params=_params_dict(params),
+        nthread=threads or (os.cpu_count() or 1),
+        params=params,
         tensor_types=out_summary.type_counts,
         fallbacks=out_summary.fallbacks,
-        llama_log_tail="".join(log)[-2000:],
+        llama_log_tail=output[-2000:],
     )
+
+
+# llama-simple's own summary lines (examples/simple/simple.cpp and llama_perf_context_print).
+_DECODED = re.compile(r"decoded (\d+) tokens in\s+([0-9.]+) s, speed:\s+([0-9.]+) t/s")
+_PROMPT_EVAL = re.compile(r"prompt eval time =\s*[0-9.]+ ms /\s*(\d+) tokens")
+_LOAD_MS = re.compile(r"load time =\s*([0-9.]+) ms")
 
 
 def smoke_generate(
@@ -485,42 +459,54 @@ def smoke_generate(
     prompt: str = "Hello",
     max_tokens: int = 8,
     *,
-    n_ctx: int = 256,
-    n_threads: int | None = None,
+    timeout_s: float = 600.0,
 ) -> dict[str, Any]:
-    """Load a GGUF with llama_cpp.Llama, generate greedily, and report what happened.
+    """Load a GGUF with llama.cpp's `llama-simple`, generate greedily on the CPU, and report what happened.
 
     Returns {"tokens", "prompt_tokens", "text", "finish_reason", "load_seconds", "generate_seconds",
-    "seconds"}. Raises QuantizeError if the file does not load.
+    "seconds"}: `tokens` is llama-simple's own count of generated tokens (an end-of-generation token is not
+    one). Raises QuantizeError if the file does not load or nothing is generated as llama-simple reports it.
     """
     p = Path(path)
     if not p.is_file():
         raise QuantizeError(f"GGUF file not found: {p}; quantize or download it first")
-    llama_cpp = _import_llama_cpp()
+    binary = _tool("llama-simple")
+    # -ngl 0: a smoke test must not take VRAM from the serving engine on a GPU host.
+    argv = [str(binary), "-m", str(p.absolute()), "-n", str(int(max_tokens)), "-ngl", "0", prompt]
     t0 = time.perf_counter()
     try:
-        llm = llama_cpp.Llama(
-            model_path=str(p), n_ctx=n_ctx, n_threads=n_threads, seed=0, verbose=False
-        )
-    except Exception as exc:
-        raise QuantizeError(f"llama.cpp cannot load {p}: {exc}; the file is corrupt or of an unsupported architecture") from exc
-    t1 = time.perf_counter()
-    try:
-        out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1, seed=0)
-    finally:
-        t2 = time.perf_counter()
-        try:
-            llm.close()
-        except Exception:  # pragma: no cover
-            pass
-    usage = out.get("usage", {})
-    choice = out["choices"][0]
+        proc = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise QuantizeError(f"llama.cpp did not finish generating {max_tokens} tokens with {p} within "
+                            f"{timeout_s:.0f} s; the model is too large for a CPU smoke test here") from exc
+    except OSError as exc:
+        raise QuantizeError(f"cannot run {binary} for {p}: {exc}; rebuild llama.cpp's tools (`make install`)") from exc
+    seconds = time.perf_counter() - t0
+    out = proc.stdout.decode("utf-8", "replace")
+    err = proc.stderr.decode("utf-8", "replace")
+    decoded = _DECODED.search(err)
+    if "unable to load model" in err:
+        raise QuantizeError(f"llama.cpp cannot load {p}: {_error_lines(err)}; the file is corrupt or of an "
+                            "unsupported architecture")
+    if proc.returncode != 0 or decoded is None:
+        detail = _error_lines(err) or "no token count in its output"
+        raise QuantizeError(f"llama.cpp failed to generate with {p} ({_exit_text(proc.returncode)}): {detail}; "
+                            "the file loads but does not run: re-quantize it or check the llama.cpp build")
+    tokens = int(decoded.group(1))
+    speed = float(decoded.group(3))
+    generate_seconds = tokens / speed if tokens and speed > 0 else float(decoded.group(2))
+    prompt_eval = _PROMPT_EVAL.search(err)
+    load = _LOAD_MS.search(err)
+    # llama-simple prints the prompt's tokens (special ones rendered, e.g. "<s>") and then the generation.
+    body = out[:-1] if out.endswith("\n") else out
+    at = body.find(prompt)
+    text = body[at + len(prompt):] if at >= 0 else body
     return {
-        "tokens": int(usage.get("completion_tokens", 0)),
-        "prompt_tokens": int(usage.get("prompt_tokens", 0)),
-        "text": choice.get("text", ""),
-        "finish_reason": choice.get("finish_reason"),
-        "load_seconds": t1 - t0,
-        "generate_seconds": t2 - t1,
-        "seconds": t2 - t0,
+        "tokens": tokens,
+        "prompt_tokens": int(prompt_eval.group(1)) if prompt_eval else 0,
+        "text": text,
+        "finish_reason": "length" if tokens >= max_tokens else "stop",
+        "load_seconds": float(load.group(1)) / 1000 if load else None,
+        "generate_seconds": generate_seconds,
+        "seconds": seconds,
     }

@@ -8,9 +8,9 @@ Hub revision gets a new folder (the old one stays until the cache checks report 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from idp_pipelines.files import atomic_write
 
 from idp_pipelines.quantize.gguf_quant import (
     SOURCE_DTYPES,
@@ -49,7 +49,7 @@ def _sidecar(dst: Path) -> Path:
 
 
 def ensure_quantized(src: Path, dst: Path, quant_type: str, src_sha256: str,
-                     nthread: int | None = None) -> tuple[QuantResult, bool]:
+                     nthread: int | None = None, progress=None) -> tuple[QuantResult, bool]:
     """Quantize unless `dst` already holds this source at this type; returns (result, reused)."""
     side = _sidecar(dst)
     if dst.is_file() and side.is_file():
@@ -60,9 +60,6 @@ def ensure_quantized(src: Path, dst: Path, quant_type: str, src_sha256: str,
                 return QuantResult(**recorded), True
         except (ValueError, TypeError, OSError):
             pass  # unreadable sidecar: quantize again
-    result = quantize_gguf(src, dst, quant_type, nthread=nthread)
-    fd, tmp = tempfile.mkstemp(prefix=".sidecar.", dir=dst.parent)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result.to_dict(), fh, indent=2)
-    os.replace(tmp, side)
+    result = quantize_gguf(src, dst, quant_type, nthread=nthread, progress=progress)
+    atomic_write(side, json.dumps(result.to_dict(), indent=2))
     return result, False

@@ -25,16 +25,19 @@ class HubResource(dg.ConfigurableResource):
         from idp_pipelines.hub import resolve_revision
 
         hub, _ = self._settings()
-        return resolve_revision(model.repo_id, model.revision, endpoint=hub.endpoint, token=self.token())
+        return resolve_revision(model.repo_id, model.revision, endpoint=hub.endpoint, token=self.token(),
+                                lab_file=self.lab.path)
 
-    def download(self, model: Model, progress: Optional[Callable[[int, int, str], None]] = None):
+    def download(self, model: Model, progress: Optional[Callable[[int, int, str], None]] = None,
+                 warn: Optional[Callable[[str], None]] = None, on_plan: Optional[Callable] = None):
         from idp_pipelines.hub import download_model
 
         hub, cache = self._settings()
         return download_model(
             model.repo_id, model.revision, cache_dir=cache.path, allow_patterns=model.allow_patterns,
             ignore_patterns=model.ignore_patterns, max_workers=hub.max_workers, token=self.token(),
-            endpoint=hub.endpoint, budget_bytes=int(cache.budget_gb * 1e9), progress=progress,
+            endpoint=hub.endpoint, budget_bytes=int(cache.budget_gb * 1e9), progress=progress, warn=warn,
+            on_plan=on_plan, lab_file=self.lab.path,
         )
 
     def snapshot(self, model: Model) -> tuple[str, Path]:

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
-import shutil
+import logging
+import os
 
 import dagster as dg
 import pytest
 import yaml
 
 from idp_pipelines.assets import models
+from idp_pipelines.assets.common import Throttle
 from idp_pipelines.assets.models import (
-    CACHE_BUDGET, CACHE_ORPHANS, CACHE_UNUSED, GGUF_GENERATES, GGUF_SIZE, GGUF_TYPES,
+    CACHE_BUDGET, CACHE_COMPLETE, CACHE_ORPHANS, CACHE_UNUSED, GGUF_GENERATES, GGUF_SIZE, GGUF_TYPES, REHASH_INTACT,
 )
 from idp_pipelines.lab import load_lab
 from idp_pipelines.resources import HubResource, LabResource, WarehouseResource
@@ -78,13 +80,17 @@ def test_download_quantize_and_inventory_end_to_end(tmp_path, hub, tiny_repo, ti
                            resources=res, instance=instance)
     assert again.success and hub.content_gets(REPO) == gets
     (dl2,) = again.asset_materializations_for_node("hub_model")
-    assert dl2.metadata["bytes_downloaded"].value == 0
-    assert "| True |" in again.asset_materializations_for_node("gguf_model")[0].metadata["quantizations"].value
+    assert dl2.metadata["bytes_downloaded"].value == 0 and dl2.metadata["repaired_files"].value == 0
+    (q2,) = again.asset_materializations_for_node("gguf_model")
+    # both outputs reused, row by row: not one "yes" somewhere in the table
+    assert q2.metadata["reused"].value == 2
+    table = q2.metadata["quantizations"].value.splitlines()[2:]
+    assert len(table) == 2 and all(row.split("|")[7].strip() == "yes" for row in table), table
 
     inv = dg.materialize([assets["model_cache_inventory"]], resources=res, instance=instance)
     assert inv.success
     checks = _checks(inv)
-    assert checks[CACHE_BUDGET].passed and checks[CACHE_ORPHANS].passed and checks[CACHE_UNUSED].passed
+    assert all(checks[c].passed for c in (CACHE_BUDGET, CACHE_ORPHANS, CACHE_UNUSED, CACHE_COMPLETE)), checks
     with Warehouse(tmp_path / "wh.duckdb").read() as con:
         files = con.execute("SELECT repo_id, commit_sha, path, size, used FROM model_cache_files").fetchall()
     assert files == [(REPO, tiny_repo, "tiny-llama-f32.gguf", tiny_gguf.stat().st_size, True)]
@@ -165,3 +171,121 @@ def test_revision_sensor_skips_when_hub_is_down_and_ignores_pinned(tmp_path, hub
 
     tick = _tick(pinned, tmp_path, None)  # the Hub is down, but a pinned model is never asked about
     assert tick.run_requests == [] and tick.skip_message == "no branch-tracked model moved"
+
+
+# -- issue 10: loud repairs, complete models, a rotating re-hash ---------------------------------------
+
+
+def test_throttle_drops_only_routine_progress():
+    info, warn, err = [], [], []
+    throttle = Throttle(info.append, every_s=3600, warn=warn.append, error=err.append)
+    throttle("1 of 3")
+    throttle("2 of 3")  # within the interval: routine, dropped
+    throttle.warning("hash mismatch: model.gguf")
+    throttle.error("gave up on model.gguf")
+    throttle.warning("hash mismatch: config.json")
+    throttle("3 of 3", final=True)
+    assert info == ["1 of 3", "3 of 3"]
+    assert warn == ["hash mismatch: model.gguf", "hash mismatch: config.json"] and err == ["gave up on model.gguf"]
+    bare = []  # without separate channels, warnings go through the one emitter, never dropped
+    plain = Throttle(bare.append, every_s=3600)
+    plain("a")
+    plain.warning("w")
+    plain("b")
+    assert bare == ["a", "w"]
+
+
+def _warnings(instance: dg.DagsterInstance, result) -> list[str]:
+    return [e.user_message for e in instance.all_logs(result.run_id) if e.level == logging.WARNING]
+
+
+def _rot(path) -> bytes:
+    """Flip a byte of a cached blob, keeping its size and mtime: the verified record still vouches for it."""
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x20
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return bytes(data)
+
+
+def test_a_cache_repair_is_a_warning_and_counted(tmp_path, hub, tiny_repo, tiny_gguf):
+    import hashlib
+
+    lab_file = _lab(tmp_path, hub)
+    res, assets = _resources(lab_file, tmp_path), _assets(lab_file)
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([assets["hub_model"]], partition_key="tiny-llama", resources=res, instance=instance).success
+    blob = next((tmp_path / "idp-home" / "models").glob("models--*/blobs/*"))
+    bad = _rot(blob)
+    os.utime(blob)  # a rewrite behind the cache's back moves the mtime: the next run hashes the file again
+
+    result = dg.materialize([assets["hub_model"]], partition_key="tiny-llama", resources=res, instance=instance)
+
+    (mat,) = result.asset_materializations_for_node("hub_model")
+    assert mat.metadata["repaired_files"].value == 1
+    assert "bad cache copy" in mat.metadata["file_list"].value
+    expected, got = hashlib.sha256(tiny_gguf.read_bytes()).hexdigest(), hashlib.sha256(bad).hexdigest()
+    (warning,) = [w for w in _warnings(instance, result) if "hash mismatch" in w]
+    assert f"'{tiny_gguf.name}'" in warning and expected in warning and got in warning
+    assert blob.read_bytes() == tiny_gguf.read_bytes()
+
+
+def test_inventory_fails_a_half_downloaded_model_naming_the_missing_file(tmp_path, hub, tiny_gguf):
+    sha = hub.create_repo(REPO, {"config.json": b'{"architectures": ["LlamaForCausalLM"]}\n', tiny_gguf.name: tiny_gguf})
+    hub.hide_file(REPO, tiny_gguf.name)  # listed, but its download fails: the cache keeps config.json only
+    lab_file = _lab(tmp_path, hub, allow_patterns=None)
+    res, assets = _resources(lab_file, tmp_path), _assets(lab_file)
+    instance = dg.DagsterInstance.ephemeral()
+    failed = dg.materialize([assets["hub_model"]], partition_key="tiny-llama", resources=res, instance=instance,
+                            raise_on_error=False)
+    assert not failed.success
+
+    inv = dg.materialize([assets["model_cache_inventory"]], resources=res, instance=instance)
+    complete = _checks(inv)[CACHE_COMPLETE]
+    assert not complete.passed and complete.severity == dg.AssetCheckSeverity.ERROR
+    assert complete.description == (
+        f"tiny-llama ({REPO}@{sha[:12]}) lacks 1 of 2 file(s): {tiny_gguf.name}. "
+        "Fix: materialise hub_model for tiny-llama (a failed or interrupted download).")
+    assert _checks(inv)[CACHE_BUDGET].passed and _checks(inv)[CACHE_ORPHANS].passed
+
+    hub.clear_faults()
+    assert dg.materialize([assets["hub_model"]], partition_key="tiny-llama", resources=res, instance=instance).success
+    again = dg.materialize([assets["model_cache_inventory"]], resources=res, instance=instance)
+    assert _checks(again)[CACHE_COMPLETE].passed
+
+
+def test_rehash_slice_finds_bit_rot_in_a_trusted_file_on_its_own_schedule(tmp_path, hub, tiny_repo, tiny_gguf):
+    lab_file = _lab(tmp_path, hub)
+    data = yaml.safe_load(lab_file.read_text())
+    data["model_cache"]["rehash_days"] = 7
+    data["schedules"]["rehash_cron"] = "15 5 * * *"
+    lab_file.write_text(yaml.safe_dump(data, sort_keys=False))
+    defs = models.build(load_lab(lab_file))
+    (schedule,) = defs.schedules
+    assert (schedule.name, schedule.cron_schedule, schedule.default_status) == (
+        "model_cache_rehash_schedule", "15 5 * * *", dg.DefaultScheduleStatus.RUNNING)
+    assert schedule.job.name == "model_cache_rehash_job"
+
+    res, assets = _resources(lab_file, tmp_path), _assets(lab_file)
+    instance = dg.DagsterInstance.ephemeral()
+    assert dg.materialize([assets["hub_model"]], partition_key="tiny-llama", resources=res, instance=instance).success
+    first = dg.materialize([assets["model_cache_rehash"]], resources=res, instance=instance)
+    (mat,) = first.asset_materializations_for_node("model_cache_rehash")
+    assert (mat.metadata["files"].value, mat.metadata["period_days"].value, mat.metadata["mismatches"].value) == (1, 7, 0)
+    assert _checks(first)[REHASH_INTACT].passed
+
+    blob = next((tmp_path / "idp-home" / "models").glob("models--*/blobs/*"))
+    _rot(blob)
+    rerun = dg.materialize([assets["hub_model"]], partition_key="tiny-llama", resources=res, instance=instance)
+    assert rerun.asset_materializations_for_node("hub_model")[0].metadata["repaired_files"].value == 0  # unseen
+    found = dg.materialize([assets["model_cache_rehash"]], resources=res, instance=instance)
+    check = _checks(found)[REHASH_INTACT]
+    assert not check.passed and tiny_gguf.name in check.description
+    assert "Fix: materialise hub_model for tiny-llama" in check.description
+    assert any("hash mismatch in the model cache" in w for w in _warnings(instance, found))
+    with Warehouse(tmp_path / "wh.duckdb").read() as con:
+        assert con.execute("SELECT files, mismatches FROM model_cache_rehashes ORDER BY rehashed_at").fetchall() == [
+            (1, 0), (1, 1)]
+    repaired = dg.materialize([assets["hub_model"]], partition_key="tiny-llama", resources=res, instance=instance)
+    assert repaired.asset_materializations_for_node("hub_model")[0].metadata["repaired_files"].value == 1

@@ -11,7 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from idp_pipelines.hub import HubError, check_space, download_model, hash_file, plan_download, resolve_revision
+from idp_pipelines.files import hash_file
+from idp_pipelines.hub import HubError, check_space, download_model, plan_download, resolve_revision
 from idp_pipelines.hub import download as download_mod
 
 from idp_pipelines.embedded.hubserver import DEFAULT_TOKEN as TOKEN
@@ -159,11 +160,8 @@ def test_connection_dropped_once_mid_file_is_resumed(hub, cache_dir):
     assert hub.count("GET", contains="/model.safetensors") == 2  # the cut transfer, then the retry
 
 
-def test_connection_always_dropped_names_file_and_endpoint(hub, cache_dir, monkeypatch):
-    import huggingface_hub.file_download as fd
-
-    # huggingface_hub sleeps 1 s between its 5 resume attempts; the attempts matter here, not the waits.
-    monkeypatch.setattr(fd.time, "sleep", lambda s: None)
+def test_connection_always_dropped_names_file_and_endpoint(hub, cache_dir, no_resume_waits):
+    # The 5 resume attempts matter here, not the 1 s waits between them (see no_resume_waits).
     sha = hub.create_repo(REPO, FILES)
     hub.drop_connection(REPO, "model.safetensors", times=None)
 
@@ -202,10 +200,12 @@ def test_corrupted_byte_every_time_raises_and_keeps_no_bad_copy(hub, cache_dir):
     with pytest.raises(HubError) as err:
         download_model(REPO, sha, cache_dir=cache_dir, endpoint=hub.url)
 
-    msg = str(err.value)
-    assert "Hash check failed for 1 file(s)" in msg
-    assert f"'model.safetensors': expected sha256 {expected}, got {got} and then {got}" in msg
-    assert REPO in msg and sha in msg and hub.url in msg
+    assert str(err.value) == (
+        f"Hash check failed for 1 file(s) of '{REPO}' at commit {sha} from {hub.url}: 'model.safetensors': "
+        f"expected sha256 {expected}, got {got} and then {got} after a fresh download. The bad copies were "
+        "removed from the cache. Rerun; if it persists, the Hub copy or a proxy on the way is corrupt: report "
+        "it to the repo owner."
+    )
     snapshot = cache_dir / "models--lab--tiny-model" / "snapshots" / sha
     assert not (snapshot / "model.safetensors").exists()
     assert not (cache_dir / "models--lab--tiny-model" / "blobs" / expected).exists()
@@ -227,9 +227,13 @@ def test_corrupted_byte_every_time_raises_and_keeps_no_bad_copy(hub, cache_dir):
 def test_repo_not_found(hub, cache_dir):
     with pytest.raises(HubError) as err:
         download_model("lab/no-such-model", "main", cache_dir=cache_dir, endpoint=hub.url)
-    msg = str(err.value)
-    assert msg.startswith(f"Repository 'lab/no-such-model' was not found at {hub.url} (HTTP 404")
-    assert "Check repo_id in lab.yaml" in msg
+    # Without the inventory's path (a direct call), the fix names lab.yaml's fields all the same.
+    assert str(err.value) == (
+        f"Repository 'lab/no-such-model' was not found at {hub.url} (HTTP 404 on "
+        f"{hub.url}/api/models/lab/no-such-model/revision/main) while resolving the revision of "
+        "'lab/no-such-model'. Check the model's `repo_id` in lab.yaml and the `hub.endpoint` field of lab.yaml; "
+        "if the repo is private, set HF_TOKEN to a token that can read it."
+    )
     assert cache_state(cache_dir) == {}
 
 
@@ -239,7 +243,7 @@ def test_revision_not_found(hub, cache_dir):
         download_model(REPO, "v9-does-not-exist", cache_dir=cache_dir, endpoint=hub.url)
     msg = str(err.value)
     assert f"Revision 'v9-does-not-exist' does not exist in '{REPO}' at {hub.url}" in msg
-    assert "Check revision in lab.yaml" in msg
+    assert "Check the model's `revision` in lab.yaml" in msg
     with pytest.raises(HubError, match="Revision '0{40}' does not exist"):
         resolve_revision(REPO, "0" * 40, endpoint=hub.url)
 
@@ -302,7 +306,8 @@ def test_unreachable_endpoint_is_named(cache_dir):
         download_model(REPO, "main", cache_dir=cache_dir, endpoint=endpoint)
     msg = str(err.value)
     assert msg.startswith(f"Could not reach the Hub at {endpoint} while resolving the revision of '{REPO}'")
-    assert "ConnectError" in msg and "HF_ENDPOINT" in msg
+    # The endpoint comes from lab.yaml, not from huggingface_hub's HF_ENDPOINT: the fix names the field.
+    assert "ConnectError" in msg and "the `hub.endpoint` field of lab.yaml" in msg and "HF_ENDPOINT" not in msg
 
 
 # -- disk space -------------------------------------------------------------------------------------
@@ -320,10 +325,13 @@ def test_budget_exceeded_leaves_the_cache_as_it_was(hub, cache_dir):
     with pytest.raises(HubError) as err:
         download_model(big, "main", cache_dir=cache_dir, endpoint=hub.url, budget_bytes=used + 1_000_000)
 
-    msg = str(err.value)
-    assert f"The model cache budget does not fit '{big}' at " in msg
-    assert "needs 0.00 GB (2000000 bytes), 0.00 GB (1000000 bytes) available" in msg
-    assert "raise the budget of model_cache in lab.yaml" in msg
+    sha = resolve_revision(big, "main", endpoint=hub.url)
+    assert str(err.value) == (
+        f"The model cache budget does not fit '{big}' at {sha[:12]}: needs 0.00 GB (2000000 bytes), 0.00 GB "
+        f"(1000000 bytes) available (0.00 GB ({used} bytes) of 0.00 GB ({used + 1_000_000} bytes) used in "
+        f"{cache_dir}). Delete unused models (`hf cache rm`), raise `model_cache.budget_gb` in lab.yaml, or "
+        "narrow allow_patterns."
+    )
     assert cache_state(cache_dir) == before
     assert hub.content_gets() == 0
 
@@ -339,10 +347,13 @@ def test_not_enough_free_disk(hub, cache_dir, monkeypatch):
     monkeypatch.setattr(download_mod.shutil, "disk_usage", lambda p: usage)
     with pytest.raises(HubError) as err:
         download_model(REPO, "main", cache_dir=cache_dir, endpoint=hub.url)
-    msg = str(err.value)
-    assert f"Not enough disk space for '{REPO}' at " in msg
     total_bytes = sum(map(len, FILES.values()))
-    assert f"needs 0.00 GB ({total_bytes} bytes), 0.00 GB (1000 bytes) free" in msg
+    sha = resolve_revision(REPO, "main", endpoint=hub.url)
+    assert str(err.value) == (
+        f"Not enough disk space for '{REPO}' at {sha[:12]}: needs 0.00 GB ({total_bytes} bytes), 0.00 GB "
+        f"(1000 bytes) free on {cache_dir.parent}. Free some space, move `model_cache.path` in lab.yaml to a "
+        "bigger disk, or narrow allow_patterns."
+    )
     assert cache_state(cache_dir) == {}
 
 
@@ -377,3 +388,63 @@ def test_local_hub_speaks_the_resolve_protocol(hub):
         assert (missing.status_code, missing.headers["X-Error-Code"]) == (404, "EntryNotFound")
         assert client.get(f"{hub.url}/api/models/lab/other").headers["X-Error-Code"] == "RepoNotFound"
         assert client.get(f"{hub.url}/api/models/{REPO}/revision/v0").headers["X-Error-Code"] == "RevisionNotFound"
+
+
+# -- repairs are loud, progress stays within its total -----------------------------------------------
+
+
+def _flip_byte(path: Path) -> bytes:
+    """Rot one byte of a cached blob in place (same size; the new mtime is what a real edit leaves too)."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x55
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def test_corrupt_file_in_the_cache_is_a_warning_with_both_hashes(hub, cache_dir):
+    sha = hub.create_repo(REPO, FILES)
+    first = download_model(REPO, sha, cache_dir=cache_dir, endpoint=hub.url)
+    blob = next(f for f in first.files if f.path == "model.safetensors").local_path.resolve()
+    bad = _flip_byte(blob)
+    expected = hashlib.sha256(FILES["model.safetensors"]).hexdigest()
+    got = hashlib.sha256(bad).hexdigest()
+
+    warnings: list[str] = []
+    calls: list[tuple[int, int, str]] = []
+    hub.reset_counts()
+    result = download_model(REPO, sha, cache_dir=cache_dir, endpoint=hub.url, warn=warnings.append,
+                            progress=lambda *a: calls.append(a))
+
+    assert warnings == [
+        f"hash mismatch: 'model.safetensors' of '{REPO}'@{sha[:12]} in the model cache ({blob}): expected "
+        f"sha256 {expected}, got {got}; removing that copy and downloading it again"
+    ]
+    (repaired,) = result.repaired_files
+    assert (repaired.path, repaired.bad_copy, repaired.bad_hash) == ("model.safetensors", "cache", got)
+    assert read_snapshot(result) == FILES and hub.content_gets() == 1
+    messages = [m for _, _, m in calls]
+    assert "hash mismatch in model.safetensors" in messages and "verified model.safetensors" not in messages
+    # Nothing was missing when the run started: the repair's bytes make the total, and progress ends at 100 %.
+    fetched = [(d, t) for d, t, m in calls if m.startswith("downloading")]
+    size = len(FILES["model.safetensors"])
+    assert fetched and all(d <= t for d, t in fetched) and fetched[-1] == (size, size)
+
+
+def test_progress_never_passes_the_total_when_a_download_is_fetched_again(hub, cache_dir):
+    sha = hub.create_repo(REPO, FILES)
+    hub.corrupt(REPO, "model.safetensors", times=1)
+    warnings: list[str] = []
+    calls: list[tuple[int, int, str]] = []
+
+    result = download_model(REPO, sha, cache_dir=cache_dir, endpoint=hub.url, warn=warnings.append,
+                            progress=lambda *a: calls.append(a))
+
+    total = sum(map(len, FILES.values()))
+    fetched = [(d, t) for d, t, m in calls if m.startswith("downloading")]
+    assert all(d <= t == total for d, t in fetched), fetched  # the retry reset its share: no "200 %"
+    assert fetched[-1] == (total, total)
+    assert result.bytes_downloaded == total + len(FILES["model.safetensors"])  # the wire saw the file twice
+    (warning,) = warnings
+    assert warning.startswith(f"hash mismatch: 'model.safetensors' of '{REPO}'@{sha[:12]} as just downloaded "
+                              f"from {hub.url}: expected sha256 ")
+    assert [(f.path, f.bad_copy) for f in result.repaired_files] == [("model.safetensors", "download")]

@@ -224,9 +224,9 @@ def test_cache_path_is_a_file(tmp_path):
     path.write_text("not a cache")
     with pytest.raises(HubError) as excinfo:
         scan_model_cache(path)
-    assert str(path) in str(excinfo.value)
-    assert "is not a directory (it is a file)" in str(excinfo.value)
-    assert "model_cache in lab.yaml" in str(excinfo.value)
+    assert str(excinfo.value) == (
+        f"The model cache path {path} is not a directory (it is a file). Point `model_cache.path` in lab.yaml at "
+        "a directory holding a huggingface_hub cache (models--<org>--<name>/...), or remove the file.")
 
 
 def test_human_bytes():

@@ -1,0 +1,323 @@
+"""A dated hard-link snapshot of the model cache (and staged state) on the target, made with rsync.
+
+Layout on the target:
+
+    <target>/2026-11-28T04-00-00Z/cache/...        the cache tree, symlinks kept as symlinks
+                                 /state/<item>/... the warehouse copy, MLflow store, Dagster storage, keys
+                                 /idp-manifest.json what the snapshot holds (written last)
+    <target>/2026-11-29T04-00-00Z.partial/         the one being made; renamed into place when complete
+
+Unchanged files are hard links into the newest complete snapshot (`--link-dest`): a daily snapshot of a
+500 GB cache costs inodes, not bytes, and every snapshot is a plain tree `cp -a` can restore from.
+A snapshot killed midway leaves its `.partial`; the next run continues in it (what it already copied is
+kept) and only the rename makes a snapshot complete, so a complete snapshot is never half a copy.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from idp_pipelines.backup.errors import BackupError
+from idp_pipelines.backup.retention import plan_retention
+from idp_pipelines.backup.target import (
+    DELETING_SUFFIX, MANIFEST, PARTIAL_SUFFIX, SNAPSHOT_RE, Entry, Target, ensure_tools,
+)
+from idp_pipelines.locks import file_lock
+
+# Never in a snapshot: work in progress of this project (`.<name>.*.tmp`, atomic_write's `.idp-tmp`) and of
+# huggingface_hub (`*.incomplete`), and its per-file download locks. The verified record stays: without
+# it a restored cache would be re-hashed whole by the next hub_model.
+EXCLUDES = ["- .*.tmp", "- *.idp-tmp", "- *.incomplete",
+            "+ /.locks/", "+ /.locks/idp-verified.json", "- /.locks/**"]
+# The first pass copies only content (Hub blobs, GGUF outputs); the second adds snapshots/, refs/ and the
+# rest, so snapshot symlinks never point at a blob that is not there yet.
+CONTENT_FIRST = ["+ /*/", "+ /*/blobs/***", "+ /blobs/***", "+ /gguf/***", "- *"]
+# ... and the second leaves the content alone, so no file is scanned twice (and --delete spares it).
+CONTENT_DONE = ["- /*/blobs/", "- /blobs/", "- /gguf/"]
+# rsync --itemize-changes: one line per created, updated or deleted entry
+_ITEM = re.compile(rb"^(\*deleting|[<>ch.][fdLDS][.+a-zA-Z?]{9})\s")
+
+_PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+(\d+:\d\d:\d\d)")
+_STATS = {
+    "files": re.compile(r"^Number of files: ([\d,]+)", re.M),
+    "files_sent": re.compile(r"^Number of regular files transferred: ([\d,]+)", re.M),
+    "total_bytes": re.compile(r"^Total file size: ([\d,]+) bytes", re.M),
+    "bytes_sent": re.compile(r"^Total transferred file size: ([\d,]+) bytes", re.M),
+}
+
+Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, message)
+
+
+@dataclass
+class RsyncStats:
+    files: int = 0
+    files_sent: int = 0
+    total_bytes: int = 0
+    bytes_sent: int = 0
+    changes: int = 0  # itemized entries (with --itemize-changes)
+
+    def add(self, other: RsyncStats) -> None:
+        for k in ("files_sent", "bytes_sent"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+        self.files, self.total_bytes = max(self.files, other.files), max(self.total_bytes, other.total_bytes)
+
+
+@dataclass(frozen=True)
+class SnapshotResult:
+    name: str
+    previous: str | None  # the snapshot unchanged files are hard-linked to
+    resumed: str | None  # the partial snapshot this one continued
+    files: int  # regular files in the snapshot
+    files_sent: int
+    bytes_sent: int
+    seconds: float
+    own_bytes: int  # bytes no other snapshot shares (what this snapshot costs on the target)
+    apparent_bytes: int  # the size of everything in it
+    free_before: int
+    needed: int
+    state: list[str] = field(default_factory=list)
+    deleted: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)
+    unchanged: bool = False  # nothing changed since `name`, which stays the newest snapshot
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes_sent / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def snapshot_name(now: datetime) -> str:
+    return now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+
+
+def snapshot_time(name: str) -> datetime:
+    return datetime.strptime(name.removesuffix(PARTIAL_SUFFIX), "%Y-%m-%dT%H-%M-%SZ").replace(tzinfo=timezone.utc)
+
+
+def rsync_argv(target: Target, *, filters: list[str], link_dest: str | None, delete: bool,
+               dry_run: bool = False) -> list[str]:
+    # -a keeps symlinks as symlinks, times and modes; rsync ignores CACHEDIR.TAG, and no option here honours it.
+    argv = ["rsync", "-a", "--no-inc-recursive", "--info=progress2", "--stats"]
+    if dry_run:
+        # folder times are not content: a restaged state folder must not count as a change
+        argv += ["--dry-run", "--itemize-changes", "--omit-dir-times"]
+    if delete:
+        # the destination is this run's own .partial folder: clears what a killed run left that is gone now;
+        # excluded paths (the other pass's half of the tree) are spared
+        argv.append("--delete")
+    if target.bwlimit_kib_s:
+        argv.append(f"--bwlimit={target.bwlimit_kib_s}")
+    if target.is_ssh:
+        argv += ["-e", shlex.join(target.ssh_argv())]
+    if link_dest:
+        argv.append(f"--link-dest={link_dest}")
+    return argv + [f"--filter={rule}" for rule in filters]
+
+
+def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str = "", total: int = 0) -> RsyncStats:
+    """Run rsync, reporting its `--info=progress2` lines; returns its `--stats` figures.
+
+    rsync runs with a parent-death signal: if the backup's process is killed, rsync stops too instead of
+    writing on into a .partial folder that the next run is continuing in.
+    """
+    with tempfile.TemporaryFile() as err:
+        try:
+            proc = subprocess.Popen(["setpriv", "--pdeathsig", "KILL", *argv], stdout=subprocess.PIPE, stderr=err)
+        except FileNotFoundError:
+            raise BackupError("setpriv (util-linux) not found. Fix: apt-get install util-linux.") from None
+        tail = bytearray()
+        items = 0
+        buf = b""
+        while chunk := proc.stdout.read1(65536):
+            buf += chunk
+            *lines, buf = re.split(rb"[\r\n]", buf)
+            for line in lines:
+                m = _PROGRESS.match(line)
+                if m and progress is not None:
+                    # rsync counts linked files too: never report more than the dry run said there is to copy
+                    done = min(int(m[1].replace(b",", b"")), total) if total else int(m[1].replace(b",", b""))
+                    progress(done, total, f"{label}: rsync at {m[2].decode()} %, {m[3].decode()}, "
+                                          f"{m[4].decode()} elapsed")
+                elif _ITEM.match(line):
+                    items += 1
+                elif not m:
+                    tail += line + b"\n"
+        tail += buf
+        code = proc.wait()
+        err.seek(0)
+        stderr = err.read().decode(errors="replace").strip()
+    text = tail.decode(errors="replace")
+    # 24: files vanished while rsync ran (a download finished, a temp file renamed): the rest is complete
+    if code not in (0, 24):
+        raise BackupError(f"rsync {label} failed (exit {code}): {stderr[-2000:] or text[-2000:]}")
+    stats = RsyncStats(changes=items)
+    for key, rx in _STATS.items():
+        if m := rx.search(text):
+            setattr(stats, key, int(m[1].replace(",", "")))
+    return stats
+
+
+def make_snapshot(cache_dir: Path, target: Target, *, lock_path: Path, margin_bytes: int = 0,
+                  state_dir: Path | None = None, keep_daily: int = 7, keep_weekly: int = 4,
+                  progress: Progress | None = None, log: Callable[[str], None] = lambda m: None,
+                  now: datetime | None = None, lock_timeout_s: float = 3600.0) -> SnapshotResult:
+    """One complete snapshot of `cache_dir` (and `state_dir`'s staged copies) on `target`, then retention."""
+    ensure_tools("rsync", *(["ssh"] if target.is_ssh else []))
+    cache_dir = Path(cache_dir)
+    if not cache_dir.is_dir():
+        raise BackupError(f"The model cache {cache_dir} does not exist: nothing to back up. Fix: check "
+                          "model_cache.path in lab.yaml, or materialise hub_model first.")
+    with file_lock(lock_path, timeout_s=lock_timeout_s, what="the backup lock", holder="cache_backup",
+                   on_wait=log, error=BackupError,
+                   fix="only one backup runs at a time; let the running one finish."):
+        return _make_snapshot(cache_dir, target, margin_bytes, state_dir, keep_daily, keep_weekly, progress, log,
+                              now or datetime.now(timezone.utc))
+
+
+def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir: Path | None, keep_daily: int,
+                   keep_weekly: int, progress: Progress | None, log: Callable[[str], None],
+                   now: datetime) -> SnapshotResult:
+    started = time.monotonic()
+    target.check_links()
+    names = target.names()
+    for stale in (n for n in names if n.endswith(DELETING_SUFFIX)):
+        log(f"finishing the deletion of {stale} (a run was stopped while deleting it)")
+        target.remove_tree(stale)
+    complete = [n for n in names if SNAPSHOT_RE.match(n)]
+    partials = sorted(n for n in names if n.endswith(PARTIAL_SUFFIX) and SNAPSHOT_RE.match(n[:-len(PARTIAL_SUFFIX)]))
+    name = snapshot_name(now)
+    while name in complete:  # two runs within one second (tests, a manual run beside the schedule)
+        now = datetime.fromtimestamp(now.timestamp() + 1, timezone.utc)
+        name = snapshot_name(now)
+    previous = complete[-1] if complete else None
+    partial = name + PARTIAL_SUFFIX
+    resumed = None
+    if partials:
+        resumed = partials[-1]
+        for old in partials[:-1]:
+            target.remove_tree(old)
+        if resumed != partial:
+            target.rename(resumed, partial)
+        log(f"continuing the snapshot a stopped run left in {resumed}: what it copied is kept")
+
+    def link(sub: str) -> str | None:
+        return target.join(previous, sub) if previous else None
+
+    jobs = [("cache", f"{cache_dir}/", f"{partial}/cache/", link("cache"))]
+    if state_dir is not None and state_dir.is_dir():
+        jobs.append(("state", f"{state_dir}/", f"{partial}/state/", link("state")))
+
+    # One dry run against the newest snapshot says what must be copied (for the free-space check) and
+    # whether anything changed at all: if nothing did, the newest snapshot already is today's.
+    to_copy: dict[str, int] = {}
+    changes = 0
+    for label, src, dest, ld in jobs:
+        against = f"{previous}/{label}/" if previous and resumed is None else dest
+        dry = run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True, dry_run=True)
+                        + [src, target.remote(against)], label=f"{label} (dry run)")
+        to_copy[label] = dry.bytes_sent
+        changes += dry.changes
+    if previous and resumed is None and changes == 0:
+        log(f"nothing changed since snapshot {previous}: it stays the newest (no new snapshot made)")
+        return _unchanged(target, previous, complete, keep_daily, keep_weekly, time.monotonic() - started, log)
+    needed = sum(to_copy.values())
+    free = target.free_bytes()
+    if needed + margin_bytes > free:
+        raise BackupError(
+            f"Not enough space on the backup target {target.describe()}: this snapshot needs {_gb(needed + margin_bytes)} "
+            f"({_gb(needed)} to copy + {_gb(margin_bytes)} backup.free_space_margin_gb) and {_gb(free)} is free. "
+            "Nothing was copied. Fix: free space on the target (lower backup.keep_daily / keep_weekly), or use a "
+            "larger target.")
+    log(f"snapshot {name} of {cache_dir} to {target.describe()}: {_gb(needed)} to copy, {_gb(free)} free"
+        + (f", unchanged files linked to {previous}" if previous else " (the first snapshot: a full copy)"))
+    target.sh('mkdir -p "$1/cache" "$1/state"', target.join(partial), what="creating the snapshot folder")
+
+    stats = RsyncStats()
+    for label, src, dest, ld in jobs:
+        # progress over the whole job (both passes of the cache), against what the dry run said to copy
+        total, base = to_copy[label], stats.bytes_sent
+
+        def report(done: int, _total: int, message: str, total=total, base=base) -> None:
+            if progress is not None:
+                progress(min(base + done, total), total, message)
+
+        passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
+            if label == "cache" else [(label, EXCLUDES)]
+        for i, (what, filters) in enumerate(passes):
+            # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
+            # each pass spares the other's half, which its filters exclude
+            done = run_rsync(rsync_argv(target, filters=filters, link_dest=ld, delete=True)
+                             + [src, target.remote(dest)], progress=report, label=what, total=total)
+            stats.add(done)
+            base += done.bytes_sent
+        if progress is not None:
+            progress(total, total, f"{label}: copied")
+
+    entries = target.listing(partial)
+    files = [e for e in entries.values() if e.kind == "f"]
+    manifest = {
+        "name": name, "created": now.isoformat(timespec="seconds"), "previous": previous,
+        "cache": str(cache_dir),
+        "files": {e.path: e.size for e in files},
+        "links": {e.path: e.link_to for e in entries.values() if e.kind == "l"},
+    }
+    if state_dir is not None and (state_dir / "state-sha256.json").is_file():
+        manifest["state_sha256"] = json.loads((state_dir / "state-sha256.json").read_text())
+    target.write_file(f"{partial}/{MANIFEST}", json.dumps(manifest, sort_keys=True).encode())
+    target.rename(partial, name)
+    seconds = time.monotonic() - started
+
+    keep, delete = plan_retention([*complete, name], keep_daily=keep_daily, keep_weekly=keep_weekly)
+    for old in delete:
+        log(f"retention: deleting snapshot {old} (keeping {keep_daily} daily, {keep_weekly} weekly)")
+        target.remove_tree(old)
+    return SnapshotResult(
+        name=name, previous=previous, resumed=resumed, files=len(files), files_sent=stats.files_sent,
+        bytes_sent=stats.bytes_sent, seconds=seconds,
+        own_bytes=sum(e.size for e in files if e.links == 1), apparent_bytes=sum(e.size for e in files),
+        free_before=free, needed=needed, state=sorted(p.name for p in state_dir.iterdir() if p.is_dir())
+        if state_dir is not None and state_dir.is_dir() else [],
+        deleted=delete, kept=keep)
+
+
+def _unchanged(target: Target, name: str, complete: list[str], keep_daily: int, keep_weekly: int, seconds: float,
+               log: Callable[[str], None]) -> SnapshotResult:
+    manifest = manifest_of(target, name)
+    keep, delete = plan_retention(complete, keep_daily=keep_daily, keep_weekly=keep_weekly)
+    for old in delete:
+        log(f"retention: deleting snapshot {old} (keeping {keep_daily} daily, {keep_weekly} weekly)")
+        target.remove_tree(old)
+    return SnapshotResult(
+        name=name, previous=manifest.get("previous"), resumed=None, files=len(manifest["files"]), files_sent=0,
+        bytes_sent=0, seconds=seconds, own_bytes=0, apparent_bytes=sum(manifest["files"].values()), free_before=0,
+        needed=0, state=sorted({p.split("/")[1] for p in manifest["files"] if p.startswith("state/")}),
+        deleted=delete, kept=keep, unchanged=True)
+
+
+def newest(target: Target) -> str | None:
+    snaps = target.snapshots()
+    return snaps[-1] if snaps else None
+
+
+def manifest_of(target: Target, name: str) -> dict:
+    raw = target.read_file(f"{name}/{MANIFEST}")
+    if raw is None:
+        raise BackupError(f"Snapshot {name} on {target.describe()} has no {MANIFEST}: it was not made by this "
+                          "project, or the file was deleted. Fix: make a new snapshot (materialise cache_backup).")
+    return json.loads(raw)
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB" if n >= 1e7 else f"{n / 1e6:,.2f} MB"
+
+
+__all__ = ["Entry", "SnapshotResult", "make_snapshot", "manifest_of", "newest", "rsync_argv", "run_rsync",
+           "snapshot_name", "snapshot_time"]

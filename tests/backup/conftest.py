@@ -1,0 +1,157 @@
+"""A model cache made the way the lab makes one (the local Hub server through huggingface_hub), plus GGUF
+outputs with their hashes in a real DuckDB warehouse, a large sparse file and random blobs."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from idp_pipelines.backup import Target
+from idp_pipelines.hub import download_model
+from idp_pipelines.warehouse import Warehouse, insert_rows
+
+REPO = "lab/tiny-model"
+SPARSE_BYTES = 64 * 1024 * 1024  # apparent size; a few blocks on disk
+
+
+@dataclass
+class Cache:
+    path: Path
+    sha: str
+    warehouse: Warehouse
+    gguf: dict[str, str]  # path relative to the cache -> sha256
+    blob_lfs: str  # relative path of the LFS weights blob (named by sha256)
+    blob_git: str  # relative path of config.json's blob (named by its git sha1)
+    snapshot_link: str  # relative path of the weights' symlink in snapshots/
+
+
+def make_cache(hub, root: Path, *, weights: int = 300_000, seed: int = 1, sparse_bytes: int = SPARSE_BYTES) -> Cache:
+    files = {
+        "config.json": b'{"hidden_size": 8}\n',
+        "model.safetensors": random.Random(seed).randbytes(weights),
+        "tokenizer.json": b'{"vocab": ["<s>", "</s>"]}\n',
+    }
+    sha = hub.create_repo(REPO, files, lfs={"model.safetensors"})
+    cache = root / "models"
+    result = download_model(REPO, sha, cache_dir=cache, endpoint=hub.url)
+    by = {f.path: f for f in result.files}
+    weights_blob = by["model.safetensors"].local_path.resolve().relative_to(cache).as_posix()
+    config_blob = by["config.json"].local_path.resolve().relative_to(cache).as_posix()
+    link = by["model.safetensors"].local_path.relative_to(cache).as_posix()
+    if not (cache / "CACHEDIR.TAG").exists():
+        (cache / "CACHEDIR.TAG").write_text("Signature: 8a477f597d28d172789f06886806bc55\n")
+    # GGUF outputs as the quantizer leaves them: a file, its sidecar, and a work file in progress
+    out = cache / "gguf" / "tiny" / sha[:12]
+    out.mkdir(parents=True)
+    q8 = out / "tiny.Q8_0.gguf"
+    q8.write_bytes(b"GGUF" + random.Random(seed + 1).randbytes(200_000))
+    sparse = out / "tiny.F16.gguf"
+    with sparse.open("wb") as f:  # large and sparse: rsync must copy it whole and right
+        f.write(b"GGUF")
+        f.seek(sparse_bytes - 4)
+        f.write(b"tail")
+    (out / "tiny.Q8_0.gguf.json").write_text('{"quant_type": "Q8_0"}')
+    (out / ".tiny.Q4_K_M.gguf.12345.tmp").write_bytes(b"half a quantization")
+    (cache / ".locks" / "models--lab--tiny-model").mkdir(parents=True, exist_ok=True)
+    (cache / ".locks" / "models--lab--tiny-model" / "x.lock").write_text("")
+    gguf = {}
+    wh = Warehouse(root / "warehouse.duckdb")
+    rows = []
+    for p in (q8, sparse):
+        digest = hashlib.sha256(p.read_bytes()).hexdigest()
+        rel = p.relative_to(cache).as_posix()
+        gguf[rel] = digest
+        rows.append({"quantized_at": datetime.now(timezone.utc), "dagster_run_id": None, "model": "tiny",
+                     "commit_sha": sha, "source_file": "tiny.f32.gguf", "source_sha256": "0" * 64,
+                     "source_dtype": "F32", "quant_type": p.name.split(".")[1], "output_path": str(p),
+                     "output_sha256": digest, "output_bytes": p.stat().st_size, "size_ratio": 1.0,
+                     "seconds": 0.1, "fallbacks": 0, "params": None, "reused": False})
+    with wh.write() as con:
+        insert_rows(con, "quantizations", rows)
+    return Cache(cache, sha, wh, gguf, weights_blob, config_blob, link)
+
+
+@pytest.fixture
+def cache(hub, tmp_path) -> Cache:
+    return make_cache(hub, tmp_path)
+
+
+@pytest.fixture
+def target(tmp_path) -> Target:
+    return Target(str(tmp_path / "nas" / "backup"))
+
+
+def tree(root: Path) -> dict[str, tuple]:
+    """Every path under root: ("l", link target) for symlinks, ("f", bytes sha256, mode, mtime_ns) for files."""
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = Path(dirpath) / name
+            rel = p.relative_to(root).as_posix()
+            if p.is_symlink():
+                out[rel] = ("l", os.readlink(p))
+            elif p.is_file():
+                st = p.stat()
+                out[rel] = ("f", hashlib.sha256(p.read_bytes()).hexdigest(), st.st_mode & 0o7777, st.st_mtime_ns)
+    return out
+
+
+@dataclass
+class Sshd:
+    port: int
+    key: Path  # the client's private key
+    known_hosts: Path
+    log: Path
+
+    def target(self, path: Path) -> Target:
+        return Target(str(path), host="127.0.0.1", user="root", port=self.port, identity_file=str(self.key),
+                      known_hosts=str(self.known_hosts))
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    """Debian's openssh-server on 127.0.0.1 (a free port), its own config, a throwaway host key and client key."""
+    import shutil
+    import socket
+    import subprocess
+    import time
+
+    from idp_pipelines.embedded.processes import free_port, stop_process_group
+
+    binary = shutil.which("sshd") or "/usr/sbin/sshd"
+    assert Path(binary).exists(), "sshd not found. Fix: apt-get install openssh-server (make setup installs it)"
+    d = tmp_path / "sshd"
+    d.mkdir()
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
+        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\nSubsystem sftp internal-sftp\n")
+    host_pub = (d / "host.pub").read_text().split()
+    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
+    log = d / "sshd.log"
+    proc = subprocess.Popen([binary, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert proc.poll() is None, f"sshd exited: {log.read_text()}"
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"sshd did not listen on {port}: {log.read_text()}"
+                time.sleep(0.1)
+        yield Sshd(port, d / "client", d / "known_hosts", log)
+    finally:
+        stop_process_group(proc)

@@ -1,0 +1,197 @@
+"""Snapshots with the real rsync on real files: what goes in, what stays out, links, crashes, space, retention."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import psutil
+import pytest
+
+from idp_pipelines.backup import BackupError, Target
+from idp_pipelines.backup.retention import plan_retention
+from idp_pipelines.backup.snapshot import make_snapshot, manifest_of, snapshot_name
+from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
+from tests.backup.conftest import SPARSE_BYTES, make_cache, tree
+
+
+def _snap(cache, target, tmp_path, **kw):
+    return make_snapshot(cache.path, target, lock_path=tmp_path / "backup.lock", **kw)
+
+
+def test_first_snapshot_is_the_cache_with_links_kept_and_work_files_left_out(cache, target, tmp_path):
+    src = tree(cache.path)
+    result = _snap(cache, target, tmp_path)
+    assert target.snapshots() == [result.name] and result.previous is None
+    snap = Path(target.path) / result.name / "cache"
+    got = tree(snap)
+    # a symlink stays a symlink, pointing where it pointed (relative, into blobs/)
+    assert got[cache.snapshot_link] == src[cache.snapshot_link] and got[cache.snapshot_link][0] == "l"
+    assert (snap / cache.snapshot_link).resolve().read_bytes() == (cache.path / cache.blob_lfs).read_bytes()
+    # content, modes and modification times as in the cache
+    for rel in (cache.blob_lfs, cache.blob_git, *cache.gguf, ".locks/idp-verified.json"):
+        assert got[rel] == src[rel], rel
+    assert (snap / "gguf/tiny" / cache.sha[:12] / "tiny.F16.gguf").stat().st_size == SPARSE_BYTES
+    # never: a work file in progress, huggingface_hub's download locks
+    left_out = {rel for rel in src if rel not in got}
+    locks = {rel for rel in left_out if rel.startswith(".locks/models--lab--tiny-model/") and rel.endswith(".lock")}
+    assert left_out - locks == {f"gguf/tiny/{cache.sha[:12]}/.tiny.Q4_K_M.gguf.12345.tmp"} and len(locks) >= 2
+    # the CACHEDIR.TAG in the cache changed nothing: every blob and GGUF file is there, same size
+    assert (cache.path / "CACHEDIR.TAG").exists()
+    assert coverage(cache_content(cache.path), snapshot_files(target, result.name)) == []
+    assert result.files_sent == len([r for r in got if got[r][0] == "f"]) and result.own_bytes == result.apparent_bytes
+    assert result.bytes_sent == result.apparent_bytes and not list(Path(target.path).glob("*.partial"))
+
+
+def test_a_second_snapshot_links_unchanged_files_and_copies_only_what_is_new(hub, cache, target, tmp_path):
+    first = _snap(cache, target, tmp_path, now=datetime(2026, 11, 1, 4, tzinfo=timezone.utc))
+    new = cache.path / "gguf" / "tiny" / cache.sha[:12] / "tiny.Q4_0.gguf"
+    new.write_bytes(os.urandom(50_000))
+    second = _snap(cache, target, tmp_path, now=datetime(2026, 11, 2, 4, tzinfo=timezone.utc))
+    assert target.snapshots() == [first.name, second.name] and second.previous == first.name
+    assert second.files_sent == 1 and second.bytes_sent == 50_000
+    assert second.own_bytes == 50_000 and second.apparent_bytes == first.apparent_bytes + 50_000
+    a, b = (Path(target.path) / n / "cache" / cache.blob_lfs for n in (first.name, second.name))
+    assert a.stat().st_ino == b.stat().st_ino  # a hard link: the unchanged blob costs an inode, not bytes
+
+
+def test_a_run_with_nothing_changed_keeps_the_newest_snapshot_as_it_is(cache, target, tmp_path):
+    first = _snap(cache, target, tmp_path, now=datetime(2026, 11, 1, 4, tzinfo=timezone.utc))
+    # a new download lock and a work file in progress are not changes of what is backed up
+    (cache.path / ".locks" / "models--lab--tiny-model" / "y.lock").write_text("")
+    (cache.path / "gguf" / ".new.gguf.1.tmp").write_text("x")
+    again = _snap(cache, target, tmp_path, now=datetime(2026, 11, 2, 4, tzinfo=timezone.utc))
+    assert again.unchanged and again.name == first.name and target.snapshots() == [first.name]
+    assert again.files_sent == 0 and again.files == first.files and again.apparent_bytes == first.apparent_bytes
+
+
+def test_coverage_names_a_blob_the_snapshot_lacks(cache, target, tmp_path):
+    result = _snap(cache, target, tmp_path)
+    snap = Path(target.path) / result.name / "cache"
+    (snap / cache.blob_lfs).unlink()
+    q8 = next(iter(cache.gguf))
+    os.truncate(snap / q8, 199_999)
+    gaps = coverage(cache_content(cache.path), snapshot_files(target, result.name))
+    assert [(g["file"], g["problem"]) for g in gaps] == [
+        (q8, "199999 bytes in the snapshot, 200004 in the cache"), (cache.blob_lfs, "not in the snapshot")]
+
+
+_KILL_SCRIPT = """
+import sys
+from pathlib import Path
+from idp_pipelines.backup import Target
+from idp_pipelines.backup.snapshot import make_snapshot
+make_snapshot(Path(sys.argv[1]), Target(sys.argv[2], bwlimit_kib_s=int(sys.argv[3])), lock_path=Path(sys.argv[4]))
+"""
+
+
+def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_path):
+    cache = make_cache(hub, tmp_path, weights=400_000, sparse_bytes=1024 * 1024)
+    extra = cache.path / "gguf" / "tiny" / "many"
+    extra.mkdir()
+    for i in range(24):
+        (extra / f"part-{i:02}.gguf").write_bytes(os.urandom(256 * 1024))
+    target_dir = tmp_path / "nas"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(cache.path), str(target_dir), "1024",
+                             str(tmp_path / "backup.lock")], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+                            start_new_session=False)
+    try:
+        deadline = time.monotonic() + 120
+        copied = 0
+        while time.monotonic() < deadline and proc.poll() is None:
+            copied = sum(1 for _ in target_dir.glob("*.partial/cache/gguf/tiny/many/part-*"))
+            if copied >= 3:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None and copied >= 3, f"the backup never got mid-copy (exit {proc.poll()})"
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert any(c.name() == "rsync" for c in children)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        psutil.wait_procs(children, timeout=30)
+        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
+            "rsync went on writing after the backup was killed"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    (partial,) = [p.name for p in target_dir.iterdir()]
+    assert partial.endswith(".partial")  # killed: no snapshot claims to be complete
+    target = Target(str(target_dir))
+    assert target.snapshots() == []
+
+    result = make_snapshot(cache.path, target, lock_path=tmp_path / "backup.lock")
+    assert result.resumed == partial
+    assert [p.name for p in target_dir.iterdir()] == [result.name]  # one complete snapshot, no partial
+    total = sum(cache_content(cache.path).values())
+    assert result.bytes_sent < total - 3 * 256 * 1024  # what the killed run copied was kept
+    src, got = tree(cache.path), tree(target_dir / result.name / "cache")
+    for rel, info in src.items():
+        if not rel.endswith((".tmp", ".lock")):
+            assert got.get(rel) == info, rel  # nothing lost, nothing half-written
+
+
+@pytest.fixture
+def small_target(tmp_path):
+    mnt = tmp_path / "small-nas"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_a_target_without_enough_space_is_refused_before_copying(cache, small_target, tmp_path):
+    before = tree(cache.path)
+    with pytest.raises(BackupError) as err:
+        make_snapshot(cache.path, Target(str(small_target / "backup")), lock_path=tmp_path / "backup.lock",
+                      margin_bytes=1_000_000)
+    msg = str(err.value)
+    assert msg.startswith(f"Not enough space on the backup target {small_target / 'backup'}: this snapshot needs ")
+    assert "to copy + 1.00 MB backup.free_space_margin_gb) and 3.1" in msg and "MB is free. Nothing was copied." in msg
+    assert [p.name for p in (small_target / "backup").iterdir()] == []  # no snapshot, no partial
+    assert tree(cache.path) == before
+
+
+def test_retention_plan_keeps_the_newest_of_each_day_and_week():
+    start = datetime(2026, 10, 1, 4, tzinfo=timezone.utc)  # a Thursday
+    names = [snapshot_name(start + timedelta(days=d)) for d in range(30)]
+    names.insert(-1, snapshot_name(start + timedelta(days=28, hours=12)))  # two on the 29th
+    keep, delete = plan_retention(names, keep_daily=3, keep_weekly=2)
+    assert keep == ["2026-10-25T04-00-00Z",  # newest of the week before last (Sunday)
+                    "2026-10-28T04-00-00Z", "2026-10-29T16-00-00Z", "2026-10-30T04-00-00Z"]
+    assert "2026-10-29T04-00-00Z" in delete and len(keep) + len(delete) == len(names)
+    # the newest complete snapshot is never deleted, whatever the numbers
+    assert plan_retention(names[:1], keep_daily=1, keep_weekly=0) == (names[:1], [])
+
+
+def test_retention_on_the_target_keeps_exactly_the_plan(cache, target, tmp_path):
+    start = datetime(2026, 10, 1, 4, tzinfo=timezone.utc)
+    made = []
+    for d in range(9):
+        (cache.path / "gguf" / f"day-{d}.gguf").write_bytes(os.urandom(1000))  # something new every day
+        made.append(_snap(cache, target, tmp_path, now=start + timedelta(days=d), keep_daily=2, keep_weekly=2).name)
+    assert target.snapshots() == plan_retention(made, keep_daily=2, keep_weekly=2)[0] == [
+        "2026-10-04T04-00-00Z", "2026-10-08T04-00-00Z", "2026-10-09T04-00-00Z"]
+    assert not [n for n in os.listdir(target.path) if not n.startswith("2026-")]
+
+
+def test_an_invalid_cache_or_an_unreachable_target_says_what_and_where(tmp_path):
+    with pytest.raises(BackupError, match=r"The model cache .*/nope does not exist: nothing to back up. Fix: check "
+                                          r"model_cache.path in lab.yaml"):
+        make_snapshot(tmp_path / "nope", Target(str(tmp_path / "t")), lock_path=tmp_path / "l")
+    (tmp_path / "c").mkdir()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BackupError, match=r"on .*/file/t failed \(exit 1\): mkdir: cannot create directory"):
+        make_snapshot(tmp_path / "c", Target(str(tmp_path / "file" / "t")), lock_path=tmp_path / "l")
+
+
+def test_the_target_link_check_passes_on_a_linux_filesystem(target):
+    target.check_links()  # ext4/tmpfs keep both; the refusal text is asserted in test_checks
+    assert not [n for n in os.listdir(target.path) if n.startswith(".idp-linkcheck")]
