@@ -3,11 +3,7 @@
 import dagster as dg
 
 from idp_pipelines import settings
-<<<<<<< HEAD
-from idp_pipelines.assets import benchmarks, deploy, endpoints, knowledge, models, tracking
-=======
-from idp_pipelines.assets import backup, benchmarks, endpoints, knowledge, models, tracking
->>>>>>> wt-backup
+from idp_pipelines.assets import backup, benchmarks, deploy, endpoints, knowledge, models, tracking
 from idp_pipelines.lab import Lab, load_lab
 from idp_pipelines.resources import HubResource, LabResource, MLflowResource, WarehouseResource
 
@@ -49,11 +45,8 @@ def build_defs(inventory: Lab) -> dg.Definitions:
         benchmarks.build(inventory),
         knowledge.build(inventory),
         tracking.build(inventory),
-<<<<<<< HEAD
         deploy.build(inventory),
-=======
         backup.build(inventory),
->>>>>>> wt-backup
         dg.Definitions(sensors=[automation_sensor()], resources=resources()),
     )
 
