@@ -26,3 +26,11 @@ def client(engine):
     for ct in c.containers.list(all=True):
         ct.remove(force=True)
     c.close()
+
+
+@pytest.fixture
+def sshd(tmp_path):
+    from tests.support_sshd import sshd_server
+
+    with sshd_server(tmp_path / "sshd") as s:
+        yield s
