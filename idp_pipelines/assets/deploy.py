@@ -274,8 +274,13 @@ def build(inventory: Lab) -> dg.Definitions:
 
         monitoring_assets.append(monitoring_config)
 
-    deployed_state, deploy_job, drift_sensor = _deploy_defs(inventory, host_partitions, service_configs,
-                                                            [*gateway_assets, *monitoring_assets])
+    from idp_pipelines.deploy.deployer import deploy_hosts
+
+    targets = deploy_hosts(inventory)
+    deploy_partitions = host_partitions if targets == hosts else dg.StaticPartitionsDefinition(targets)
+    deployed_state, deploy_job, drift_sensor = _deploy_defs(inventory, deploy_partitions, service_configs,
+                                                            [*gateway_assets, *monitoring_assets],
+                                                            {h: h for h in hosts})
     return dg.Definitions(assets=[service_secrets, service_configs, *gateway_assets, *monitoring_assets,
                                   deployed_state], jobs=[deploy_job], sensors=[drift_sensor])
 
@@ -337,12 +342,13 @@ def _endpoints_ok(inv: Lab, host: str):
     return check
 
 
-def _deploy_defs(inventory: Lab, host_partitions, service_configs, other_assets):
+def _deploy_defs(inventory: Lab, host_partitions, service_configs, other_assets, docker_hosts: dict[str, str]):
     @dg.asset(
         partitions_def=host_partitions,
         group_name="deploy",
         kinds={"docker", "ssh", "duckdb"},
-        deps=[dg.AssetDep(service_configs), *other_assets],
+        deps=[dg.AssetDep(service_configs, partition_mapping=dg.StaticPartitionMapping(docker_hosts)),
+              *other_assets],
         output_required=False,
         description="What really runs on the host after a deploy (containers, images, spec hashes, health, "
                     "ports; the files in config_dir). Materialised by the `deploy` job: the plan first (file "
@@ -423,7 +429,9 @@ def evaluate_drift(context: dg.SensorEvaluationContext, inv: Lab, home=None):
     cursor = json.loads(context.cursor) if context.cursor else {}
     redactor = Redactor.for_lab(inv)
     events, requests, seen = [], [], []
-    for host in inv.docker_hosts():
+    from idp_pipelines.deploy.deployer import deploy_hosts
+
+    for host in deploy_hosts(inv):
         rec = _deployed_record(context.instance, host)
         if rec is None:
             continue  # never deployed: nothing can have drifted

@@ -7,8 +7,9 @@ inventory, logs the plan and records the result. A dry run computes the same pla
 from __future__ import annotations
 
 import contextlib
+import posixpath
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from idp_pipelines.secrets import read_env_file, service_env_path, stored_keys
 from . import DeployError, host_dir
 from .apply import Action, ApplyReport, ContainerState, Project, apply, load_project, observe, plan, render_plan
 from .compose import COMPOSE_FILE
+from .gateway import SITE_FILE
+from .lxc import GRAFANA_PORT, lxc_kinds, place, reload_grafana, reload_prometheus, site_link, validate_command
 from .push import FileChange, FileState, LocalDir, SshDir, plan_files, push, rendered_files
 from .ssh import ssh_for
 
@@ -52,13 +55,37 @@ class HostPlan:
         return "\n".join(lines)
 
 
+def _target(lab: Lab, host: str, folder: str):
+    conn = ssh_for(lab, host)
+    return SshDir(conn, folder) if conn else LocalDir(folder)
+
+
 def target_for(lab: Lab, host: str):
     h = lab.host(host)
     if not h.config_dir:
         raise DeployError(f"host {host!r} has no config_dir: the deploy job does not know where its files go. "
                           f"Fix: set hosts[].config_dir in {lab._source}.")
-    conn = ssh_for(lab, host)
-    return SshDir(conn, h.config_dir) if conn else LocalDir(h.config_dir)
+    return _target(lab, host, h.config_dir)
+
+
+@dataclass
+class FileGroup:
+    """Files going to one folder of the host, and what the plan says about each."""
+
+    target: object
+    files: dict[str, tuple[bytes, int]]
+    changes: list[FileChange]
+
+
+def deploy_hosts(lab: Lab) -> list[str]:
+    """Every host the deploy job reaches: the Docker hosts, then the gateway's and monitoring's LXC hosts."""
+    out = list(lab.docker_hosts())
+    for h in (lab.gateway.host if lab.gateway else None,
+              lab.monitoring.prometheus_host if lab.monitoring else None,
+              lab.monitoring.grafana_host if lab.monitoring else None):
+        if h and h not in out:
+            out.append(h)
+    return out
 
 
 @contextlib.contextmanager
@@ -93,19 +120,31 @@ def load_host_project(lab: Lab, host: str, home: Path | None = None) -> Project 
                         lab.host(host).config_dir or str(host_dir(host, home)), f"idp-{host}")
 
 
-def make_plan(lab: Lab, host: str, client, home: Path | None = None) -> tuple[HostPlan, dict, Project | None]:
+def make_plan(lab: Lab, host: str, client, home: Path | None = None
+              ) -> tuple[HostPlan, list[FileGroup], Project | None]:
     root = host_dir(host, home)
     if not root.is_dir():
         raise DeployError(f"nothing rendered for {host!r} under {root}. Fix: materialise the deploy group "
                           f"(service_secrets, service_configs, gateway_config, monitoring_config) first.")
-    target = target_for(lab, host)
     files = rendered_files(root, stored_keys(home))
-    project = load_host_project(lab, host, home)
-    hp = HostPlan(host, str(target), None, plan_files(files, target, host))
+    kinds = lxc_kinds(lab, host)
+    if kinds:
+        target_for(lab, host)  # a host without config_dir fails here, with the fix
+        config_dir = lab.host(host).config_dir
+        groups = [FileGroup(t, fs, []) for t, fs in
+                  ((_target(lab, host, folder), fs) for folder, fs in place(files, kinds, config_dir).items())]
+    else:
+        groups = [FileGroup(target_for(lab, host), files, [])]
+    shown = []
+    for g in groups:
+        g.changes = plan_files(g.files, g.target, host)
+        shown += [replace(c, rel=f"{g.target.root}/{c.rel}") if kinds else c for c in g.changes]
+    project = None if kinds else load_host_project(lab, host, home)
+    hp = HostPlan(host, ", ".join(str(g.target) for g in groups), None, shown)
     if project is not None and client is not None:
         hp.engine = lab.host(host).docker_host
         hp.containers = plan(client, project)
-    return hp, files, project
+    return hp, groups, project
 
 
 @dataclass
@@ -116,30 +155,86 @@ class DeployResult:
     applied: ApplyReport | None = None
     containers: list[ContainerState] = field(default_factory=list)
     files: dict[str, FileState] = field(default_factory=dict)
+    services: list[str] = field(default_factory=list)  # LXC hosts: validators and reloads
     deployed_at: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
 
 def deploy_host(lab: Lab, host: str, *, dry_run: bool = False, home: Path | None = None,
                 log: Callable[[str], None] = lambda m: None, show_plan: Callable[[HostPlan], None] = lambda p: None,
                 endpoints_ok: Callable[[], list[str]] | None = None) -> DeployResult:
-    """Plan, show the plan, then (unless a dry run) push the files and apply the containers."""
+    """Plan, show the plan, then (unless a dry run) push the files and apply the containers, or, on an LXC
+    host, validate there and reload the services."""
     with docker_client(lab, host) as engine:
         client = engine[0] if engine else None
-        hp, files, project = make_plan(lab, host, client, home)
+        hp, groups, project = make_plan(lab, host, client, home)
         show_plan(hp)
         result = DeployResult(hp, dry_run)
         if dry_run:
             return result
-        target = target_for(lab, host)
-        result.pushed = push(files, target, hp.files)
-        for rel in result.pushed:
-            log(f"{host}: wrote {rel} to {target}")
+        previous = {(i, ch.rel): g.target.read(ch.rel) for i, g in enumerate(groups) for ch in g.changes
+                    if ch.changes}
+        for g in groups:
+            for rel in push(g.files, g.target, g.changes):
+                result.pushed.append(f"{g.target}/{rel}")
+                log(f"{host}: wrote {rel} to {g.target}")
+        if lxc_kinds(lab, host):
+            result.services = _validate_and_reload(lab, host, groups, previous, bool(result.pushed), log, home)
         if project is not None and client is not None:
             result.applied = apply(client, project, network=_network(lab, host, home), log=log,
                                    endpoints_ok=endpoints_ok, probe_budget_s=lab.deploy.probe_timeout_s)
             result.containers = observe(client, project.name)
-        result.files = target.listing()
+        for g in groups:
+            result.files.update({f"{g.target.root}/{rel}" if len(groups) > 1 or lxc_kinds(lab, host) else rel: st
+                                 for rel, st in g.target.listing().items() if rel in g.files})
         return result
+
+
+def _validate_and_reload(lab: Lab, host: str, groups: list[FileGroup], previous: dict, changed: bool,
+                         log: Callable[[str], None], home: Path | None) -> list[str]:
+    """Each service's validator on the host; a failure puts every pushed file back, then fails the run.
+    Services are reloaded only when a file changed."""
+    config_dir = lab.host(host).config_dir
+    runner = groups[0].target
+    kinds = lxc_kinds(lab, host)
+    done = []
+    if "nginx" in kinds:
+        runner.link(*site_link(config_dir, posixpath.basename(SITE_FILE)))
+    for kind in kinds:
+        cmd = validate_command(kind, config_dir)
+        if cmd is None:
+            continue
+        code, out = runner.run(cmd)
+        if code != 0:
+            for (i, rel), old in previous.items():
+                t = groups[i].target
+                t.remove(rel) if old is None else t.write(rel, old, groups[i].files[rel][1])
+            raise DeployError(f"{host}: `{cmd}` failed on the host after the push, so every file this run wrote was "
+                              f"put back as it was (the {kind} service keeps running its previous config):\n"
+                              f"{out[-2000:]}")
+        done.append(f"{kind}: `{cmd}` passed")
+        log(f"{host}: {done[-1]}")
+    if not changed:
+        return done + ["nothing changed: no reload"]
+    address = lab.host(host).address
+    for kind in kinds:
+        if kind == "nginx":
+            code, out = runner.run("nginx -s reload")
+            if code != 0:
+                raise DeployError(f"{host}: `nginx -s reload` failed: {out[-1000:]}")
+            done.append("nginx: reloaded (nginx -s reload)")
+        elif kind == "prometheus":
+            done.append("prometheus: " + reload_prometheus(f"http://{address}:{lab.monitoring.prometheus_port}",
+                                                           runner.run))
+        elif kind == "grafana":
+            creds = read_env_file(service_env_path(host, home))
+            user, password = creds.get("GRAFANA_ADMIN_USER", "admin"), creds.get("GRAFANA_ADMIN_PASSWORD")
+            if not password:
+                raise DeployError(f"{host}: Grafana's provisioning reload needs its admin password, which is not in "
+                                  f"the key store {service_env_path(host, home)}. Fix: add GRAFANA_ADMIN_PASSWORD=... "
+                                  f"(and GRAFANA_ADMIN_USER if not admin) there, mode 0600.")
+            done.append("grafana: " + reload_grafana(f"http://{address}:{GRAFANA_PORT}", user, password))
+        log(f"{host}: {done[-1]}")
+    return done
 
 
 def _network(lab: Lab, host: str, home: Path | None) -> str | None:

@@ -57,6 +57,23 @@ class LocalDir:
     def write(self, rel: str, data: bytes, mode: int) -> None:
         atomic_write(self.root / rel, data, mode=mode)
 
+    def remove(self, rel: str) -> None:
+        (self.root / rel).unlink(missing_ok=True)
+
+    def link(self, link: str, target: str) -> None:
+        tmp = Path(link + TMP_SUFFIX)
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        tmp.unlink(missing_ok=True)
+        tmp.symlink_to(target)
+        os.replace(tmp, link)
+
+    def run(self, command: str) -> tuple[int, str]:
+        """A validator or reload on this machine: (exit code, output)."""
+        import subprocess
+
+        proc = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=300)
+        return proc.returncode, (proc.stdout + proc.stderr).strip()
+
 
 class SshDir:
     """config_dir on a host reached over SSH (sudo where the inventory says)."""
@@ -88,6 +105,17 @@ class SshDir:
         q = shlex.quote(path)
         self.conn.run(f"set -e; umask 077; mkdir -p {shlex.quote(os.path.dirname(path))}; "
                       f"t={q}.$${TMP_SUFFIX}; cat > \"$t\"; chmod {mode:o} \"$t\"; mv -f \"$t\" {q}", stdin=data)
+
+    def remove(self, rel: str) -> None:
+        self.conn.run(f"rm -f {shlex.quote(f'{self.root}/{rel}')}")
+
+    def link(self, link: str, target: str) -> None:
+        self.conn.run(f"mkdir -p {shlex.quote(os.path.dirname(link))} && ln -sfn {shlex.quote(target)} {shlex.quote(link)}")
+
+    def run(self, command: str) -> tuple[int, str]:
+        """A validator or reload on the host (through sudo where the inventory says): (exit code, output)."""
+        proc = self.conn.run(command, check=False, timeout_s=300)
+        return proc.returncode, (proc.stdout + proc.stderr).decode("utf-8", "replace").strip()
 
 
 @dataclass
