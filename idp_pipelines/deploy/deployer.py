@@ -97,6 +97,10 @@ def docker_client(lab: Lab, host: str) -> Iterator[tuple[object, str] | None]:
     if not url:
         yield None
         return
+    if url.startswith("unix://") and not Path(url.removeprefix("unix://")).exists():
+        # The embedded lab names this machine's engine; with no engine running, the deploy is the files alone.
+        yield None
+        return
     conn = ssh_for(lab, host) if url.startswith("ssh://") else None
     with (conn.docker_socket_forward() if conn else contextlib.nullcontext(url)) as base:
         client = docker.DockerClient(base_url=base, timeout=120)
@@ -144,6 +148,8 @@ def make_plan(lab: Lab, host: str, client, home: Path | None = None
     if project is not None and client is not None:
         hp.engine = lab.host(host).docker_host
         hp.containers = plan(client, project)
+    elif project is not None:
+        hp.engine = f"none: no Docker engine at {lab.host(host).docker_host} (files only; containers not applied)"
     return hp, groups, project
 
 

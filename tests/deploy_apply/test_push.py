@@ -6,9 +6,13 @@ import subprocess
 
 import pytest
 
+from idp_pipelines.deploy.deployer import deploy_host
 from idp_pipelines.deploy.push import LocalDir, SshDir, plan_files, push, rendered_files
 from idp_pipelines.deploy.ssh import SshConn, SshError
 from idp_pipelines.files import atomic_write
+from idp_pipelines.lab import load_lab
+from idp_pipelines.settings import idp_home
+from tests.deploy.conftest import lab_with
 
 KEY_A, KEY_B = "a" * 64, "b" * 64
 
@@ -73,3 +77,15 @@ def test_push_over_ssh_keeps_env_private_and_refuses_a_changed_host_key(tmp_path
     unknown = SshDir(SshConn(**{**conn(sshd).__dict__, "known_hosts": str(empty)}), str(far))
     with pytest.raises(SshError, match="its host key is not in .*known_hosts.empty: no trust on first use"):
         unknown.listing()
+
+
+def test_embedded_lab_without_an_engine_deploys_its_files_only(tmp_path):
+    """labs/local.yaml names this machine's engine; when none runs, the deploy is the files alone, said so."""
+    def edit(d):
+        d["hosts"][0].update(docker_host=f"unix://{tmp_path}/no-engine.sock", config_dir=str(tmp_path / "target"))
+    lab = load_lab(lab_with(tmp_path, "local", edit))
+    atomic_write(idp_home() / "deploy" / "localhost" / "compose.yaml", "name: idp-localhost\nservices: {}\n")
+    result = deploy_host(lab, "localhost")
+    assert result.plan.engine.startswith(f"none: no Docker engine at unix://{tmp_path}/no-engine.sock")
+    assert result.pushed == ["%s/compose.yaml" % (tmp_path / "target")] and result.containers == []
+    assert (tmp_path / "target" / "compose.yaml").exists()
