@@ -29,6 +29,9 @@ LABEL_ONEOFF = "com.docker.compose.oneoff"
 LABEL_WORKDIR = "com.docker.compose.project.working_dir"
 LABEL_FILES = "com.docker.compose.project.config_files"
 LABEL_HASH = "io.idp.spec-hash"
+# compose's stop_grace_period, kept on the container: removing it after its service left the file waits
+# as long as its spec said (the SDK's create() cannot set the engine's own StopTimeout)
+LABEL_STOP = "io.idp.stop-timeout"
 PREVIOUS = "-idp-previous"
 LOG_LINES = 30
 
@@ -222,6 +225,7 @@ def load_project(compose_text: str, env_file: dict[str, str], working_dir: str, 
                                     {**create, "name": container}, _budget_s(spec),
                                     max(1, round(_duration_ns(spec.get("stop_grace_period"), 10) / 1e9)))
         services[svc].create["labels"][LABEL_HASH] = services[svc].hash
+        services[svc].create["labels"][LABEL_STOP] = str(services[svc].stop_timeout_s)
     return Project(name, services, secrets=[v for v in env_file.values() if len(v) >= 8])
 
 
@@ -375,7 +379,7 @@ def apply(client, project: Project, *, network: str | None = None, log: Callable
             continue
         if a.action == "remove":
             c = client.containers.get(a.container)
-            c.stop(timeout=30)
+            c.stop(timeout=int((c.labels or {}).get(LABEL_STOP, "10")))
             c.remove()
             report.steps.append(f"{a.container}: removed ({a.why})")
             log(report.steps[-1])

@@ -104,3 +104,18 @@ def test_missing_variable_and_missing_image_fail_before_anything_changes(client)
         apply(client, project({"alpha": httpd_service(pa, image="idp-test/absent:1")}))
     assert [(c.name, c.id, c.status) for c in client.containers.list(all=True)] == before
     assert get(pa) == "ok"
+
+
+def test_a_service_dropped_from_the_file_is_removed_and_an_interrupted_replacement_is_put_back(client):
+    pa, pb = free_port(), free_port()
+    both = {"alpha": httpd_service(pa), "beta": httpd_service(pb)}
+    apply(client, project(both))
+    # a deploy killed after renaming alpha aside and before its successor existed
+    alpha = client.containers.get("idp-testhost-alpha-1")
+    alpha.stop(timeout=1)
+    alpha.rename("idp-testhost-alpha-1-idp-previous")
+    report = apply(client, project({"alpha": httpd_service(pa)}))
+    assert [(a.service, a.action) for a in report.actions] == [("alpha", "leave"), ("beta", "remove")]
+    now = client.containers.list(all=True)
+    assert [(c.name, c.id, c.status) for c in now] == [("idp-testhost-alpha-1", alpha.id, "running")]
+    assert get(pa) == "ok"
