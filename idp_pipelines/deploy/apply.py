@@ -296,6 +296,9 @@ def wait_healthy(client, container_id: str, budget_s: float, poll_s: float = 0.5
         if c.status in ("exited", "dead"):
             code = (c.attrs.get("State") or {}).get("ExitCode")
             return False, f"exited with code {code}"
+        if c.attrs.get("RestartCount"):  # crash-looping under `restart: unless-stopped`: no point waiting
+            code = (c.attrs.get("State") or {}).get("ExitCode")
+            return False, f"exited with code {code} and was restarted {c.attrs['RestartCount']} time(s)"
         if health == "healthy" or (health is None and c.status == "running"):
             return True, health or "running"
         if health == "unhealthy":

@@ -169,8 +169,15 @@ def deploy_host(lab: Lab, host: str, *, dry_run: bool = False, home: Path | None
                 log: Callable[[str], None] = lambda m: None, show_plan: Callable[[HostPlan], None] = lambda p: None,
                 endpoints_ok: Callable[[], list[str]] | None = None) -> DeployResult:
     """Plan, show the plan, then (unless a dry run) push the files and apply the containers, or, on an LXC
-    host, validate there and reload the services."""
-    with docker_client(lab, host) as engine:
+    host, validate there and reload the services. One deploy per host at a time (a drift repair and a
+    hand-launched run would otherwise replace the same containers twice)."""
+    from idp_pipelines import settings
+    from idp_pipelines.locks import file_lock
+
+    lock = (home or settings.idp_home()) / "locks" / f"deploy-{host}.lock"
+    with file_lock(lock, timeout_s=1800, what=f"the deploy of {host}", fix="wait for the other deploy run of this "
+                   "host to finish (Dagster UI, runs of the `deploy` job)", on_wait=log, holder="deploy"), \
+            docker_client(lab, host) as engine:
         client = engine[0] if engine else None
         hp, groups, project = make_plan(lab, host, client, home)
         show_plan(hp)

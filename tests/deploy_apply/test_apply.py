@@ -119,3 +119,12 @@ def test_a_service_dropped_from_the_file_is_removed_and_an_interrupted_replaceme
     now = client.containers.list(all=True)
     assert [(c.name, c.id, c.status) for c in now] == [("idp-testhost-alpha-1", alpha.id, "running")]
     assert get(pa) == "ok"
+
+
+def test_a_crashing_new_service_fails_at_once_with_its_exit_and_logs(client):
+    pa = free_port()
+    crash = httpd_service(pa)
+    crash["command"] = ["echo cannot open the model file; exit 7"]
+    with pytest.raises(ApplyError, match=r"never became healthy: exited with code 7[\s\S]*cannot open the model file"):
+        apply(client, project({"alpha": crash}))
+    assert client.containers.list(all=True) == []   # no dead service left behind
