@@ -83,6 +83,9 @@ class HostSsh(_Strict):
     identity_file: LabPath | None = None
     # The host's key must be in this file: a changed or unknown host key is an error, never a prompt.
     known_hosts: LabPath | None = None
+    # Or the host's key itself ("ssh-ed25519 AAAA..."): the deploy pins it in a known_hosts file of its own.
+    host_key: Annotated[str, StringConstraints(pattern=r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)) "
+                                                       r"[A-Za-z0-9+/=]+$")] | None = None
     sudo: bool = False                  # file writes, validators and reloads through `sudo -n` (LXC services)
     # The engine's socket on the host, reached through an SSH-forwarded unix socket.
     docker_socket: Annotated[str, StringConstraints(pattern=r"^/[^\s:]*$")] = "/var/run/docker.sock"

@@ -130,9 +130,26 @@ def ssh_for(lab: Lab, host_name: str) -> SshConn | None:
         address, _, p = rest.partition(":")
         port = int(p) if p else None
     ssh = host.ssh
+    known_hosts = str(ssh.known_hosts) if ssh and ssh.known_hosts else None
+    if ssh and ssh.host_key:
+        if known_hosts:
+            raise SshError(f"hosts[{host.name}].ssh: both known_hosts and host_key are set. Fix: keep one.")
+        known_hosts = str(_pinned(host.name, address, port or ssh.port, ssh.host_key))
     return SshConn(host=address, name=host.name, user=(ssh.user if ssh and ssh.user else user),
                    port=(ssh.port if ssh and (ssh.port != 22 or port is None) else port or 22),
                    identity_file=str(ssh.identity_file) if ssh and ssh.identity_file else None,
-                   known_hosts=str(ssh.known_hosts) if ssh and ssh.known_hosts else None,
+                   known_hosts=known_hosts,
                    sudo=bool(ssh and ssh.sudo),
                    docker_socket=ssh.docker_socket if ssh else "/var/run/docker.sock")
+
+
+def _pinned(name: str, address: str, port: int, key: str) -> Path:
+    """A known_hosts file holding only the inventory's host key (rewritten when the inventory changes it)."""
+    from idp_pipelines import settings
+    from idp_pipelines.files import atomic_write
+
+    path = settings.idp_home() / "deploy" / ".ssh" / f"known_hosts-{name}"
+    line = f"{address if port == 22 else f'[{address}]:{port}'} {key}\n"
+    if not path.exists() or path.read_text() != line:
+        atomic_write(path, line, mode=0o600)
+    return path

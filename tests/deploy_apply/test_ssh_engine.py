@@ -15,10 +15,13 @@ from tests.deploy_apply.test_deploy_job import HOST, KEY, render_stand_in
 
 
 def ssh_lab(tmp_path, sshd, engine, port, side, known_hosts=None):
+    """The host's key pinned inline (hosts[].ssh.host_key), or a known_hosts file when one is given."""
+    pin = ({"known_hosts": str(known_hosts)} if known_hosts else
+           {"host_key": " ".join(sshd.host_key.with_suffix(".pub").read_text().split()[:2])})
+
     def edit(d):
         d["hosts"][0].update(docker_host=f"ssh://root@127.0.0.1:{sshd.port}", config_dir=str(tmp_path / "far"),
-                             ssh={"identity_file": str(sshd.key), "known_hosts": str(known_hosts or sshd.known_hosts),
-                                  "docker_socket": str(engine.socket)})
+                             ssh={"identity_file": str(sshd.key), "docker_socket": str(engine.socket), **pin})
         d["endpoints"][0].update(base_url=f"http://127.0.0.1:{port}", api_key_env="STANDIN_API_KEY")
         d["services"] = [
             {"name": "local-llamacpp", "kind": "llamacpp", "host": HOST, "endpoint": "local-llamacpp",
