@@ -90,6 +90,12 @@ def test_dry_run_then_deploy_then_drift_reported_and_no_key_in_any_event(tmp_pat
         assert done.success, done.all_events
         assert httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()["data"][0]["id"] == "tiny-llama"
         assert (tmp_path / "config" / ".env").stat().st_mode & 0o777 == 0o600
+        # the plan is in the run's events before the first change
+        logs = instance.all_logs(done.run_id)
+        plan_at = next(i for i, e in enumerate(logs)
+                       if e.dagster_event is not None and e.dagster_event.event_type_value == "ASSET_OBSERVATION")
+        wrote_at = next(i for i, e in enumerate(logs) if "wrote compose.yaml" in (e.user_message or ""))
+        assert plan_at < wrote_at
         meta = done.get_asset_materialization_events()[0].materialization.metadata
         ids = meta["container_ids"].value
         assert set(ids) == {"idp-localhost-local-llamacpp-1", "idp-localhost-sidecar-1"}
