@@ -24,9 +24,14 @@ from idp_pipelines.lab import load_lab
 from tests.deploy.conftest import lab_with
 
 
-def obs_lab(tmp_path, prom_port):
+def obs_lab(tmp_path, prom_port, sshd=None):
+    """labs/local.yaml with Prometheus on an LXC-like host "obs": this machine's folders, or over SSH."""
+    ssh = ({"ssh": {"user": "root", "port": sshd.port, "identity_file": str(sshd.key),
+                    "known_hosts": str(sshd.known_hosts)}} if sshd else {})
+
     def edit(d):
-        d["hosts"].append({"name": "obs", "address": "127.0.0.1", "config_dir": str(tmp_path / "etc" / "prometheus")})
+        d["hosts"].append({"name": "obs", "address": "127.0.0.1", "config_dir": str(tmp_path / "etc" / "prometheus"),
+                           **ssh})
         d["monitoring"].update(prometheus_host="obs", prometheus_port=prom_port, scrape_interval_s=17)
         d["monitoring"].pop("grafana_host")
         d["endpoints"][0]["api_key_env"] = "LOCAL_LLAMA_KEY"   # Prometheus gets a key file for its /metrics
@@ -34,9 +39,10 @@ def obs_lab(tmp_path, prom_port):
     return load_lab(lab_with(tmp_path, "local", edit))
 
 
-def test_prometheus_host_pushed_checked_reloaded_and_a_broken_file_put_back(tmp_path):
+@pytest.mark.parametrize("reach", ["local", "ssh"])
+def test_prometheus_host_pushed_checked_reloaded_and_a_broken_file_put_back(tmp_path, reach, request):
     port = free_port()
-    lab = obs_lab(tmp_path, port)
+    lab = obs_lab(tmp_path, port, request.getfixturevalue("sshd") if reach == "ssh" else None)
     ensure_keys(lab, "localhost")
     write_monitoring(render_monitoring(lab, {"localhost": host_keys("localhost")}))
     etc = tmp_path / "etc" / "prometheus"
@@ -48,6 +54,7 @@ def test_prometheus_host_pushed_checked_reloaded_and_a_broken_file_put_back(tmp_
     try:
         wait_http(f"http://127.0.0.1:{port}/-/ready", proc=proc, timeout_s=60, log=tmp_path / "prom.log")
         result = deploy_host(lab, "obs")
+        assert result.plan.target.startswith("obs:" if reach == "ssh" else str(tmp_path))
         assert any(f.rel == f"{etc}/prometheus.yml" and f.action == "update" for f in result.plan.files)
         assert (tmp_path / "etc" / "default" / "prometheus").read_text().count("--storage.tsdb.retention.time=7d") == 1
         assert "prometheus: `promtool check config" in result.services[0]
