@@ -286,11 +286,16 @@ def _logs(c, project: Project) -> str:
     return project.redact(text.strip()) or "(no output)"
 
 
-def wait_healthy(client, container_id: str, budget_s: float, poll_s: float = 0.5) -> tuple[bool, str]:
+def wait_healthy(client, container_id: str, budget_s: float, poll_s: float = 0.5,
+                 log: Callable[[str], None] | None = None) -> tuple[bool, str]:
     """(healthy, why): 'healthy' by its healthcheck, or running when it has none; fails early when unhealthy
-    or exited."""
-    deadline = time.monotonic() + budget_s
+    or exited. A long start (vLLM loading a model: minutes) is reported every 30 s."""
+    start = time.monotonic()
+    deadline, next_report = start + budget_s, start + 30
     while True:
+        if log is not None and time.monotonic() >= next_report:
+            next_report += 30
+            log(f"{container_id[:12]}: waiting for health, {time.monotonic() - start:.0f} s of {budget_s:.0f} s")
         c = client.containers.get(container_id)
         health = _health(c)
         if c.status in ("exited", "dead"):
@@ -409,7 +414,8 @@ def apply(client, project: Project, *, network: str | None = None, log: Callable
         try:
             new = client.containers.create(**spec.create)
             new.start()
-            ok, why = wait_healthy(client, new.id, spec.health_budget_s)
+            log(f"{a.container}: started {new.id[:12]}, waiting for its healthcheck (up to {spec.health_budget_s:.0f} s)")
+            ok, why = wait_healthy(client, new.id, spec.health_budget_s, log=log)
         except Exception as exc:
             ok, why = False, f"{type(exc).__name__}: {project.redact(str(exc))}"
         if ok:
