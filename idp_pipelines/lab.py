@@ -75,6 +75,22 @@ class Cpu(_Strict):
     memory_bandwidth_gb_s: float | None = Field(default=None, gt=0)
 
 
+class HostSsh(_Strict):
+    """How the deploy job reaches a host over SSH: its config files, its validators, its Docker engine."""
+
+    user: str | None = None             # default: the user of an ssh:// docker_host, else ssh's own default
+    port: int = Field(default=22, ge=1, le=65535)
+    identity_file: LabPath | None = None
+    # The host's key must be in this file: a changed or unknown host key is an error, never a prompt.
+    known_hosts: LabPath | None = None
+    # Or the host's key itself ("ssh-ed25519 AAAA..."): the deploy pins it in a known_hosts file of its own.
+    host_key: Annotated[str, StringConstraints(pattern=r"^(ssh-(ed25519|rsa)|ecdsa-sha2-nistp(256|384|521)) "
+                                                       r"[A-Za-z0-9+/=]+$")] | None = None
+    sudo: bool = False                  # file writes, validators and reloads through `sudo -n` (LXC services)
+    # The engine's socket on the host, reached through an SSH-forwarded unix socket.
+    docker_socket: Annotated[str, StringConstraints(pattern=r"^/[^\s:]*$")] = "/var/run/docker.sock"
+
+
 class Host(_Strict):
     name: Name
     address: str
@@ -86,6 +102,7 @@ class Host(_Strict):
     docker_host: str | None = None
     config_dir: str | None = None
     dcgm_url: HttpUrl | None = None
+    ssh: HostSsh | None = None  # set (or an ssh:// docker_host): the deploy job pushes over SSH
 
 
 class Slo(_Strict):
@@ -604,6 +621,10 @@ class Deploy(_Strict):
     use_tuning: bool = True
     # A recommendation within this fraction of the value in use changes nothing: no tune-deploy-benchmark loop.
     tuning_hysteresis: float = Field(default=0.25, ge=0, lt=1)
+    # The drift sensor requests a re-deploy of a drifted host (off: it only reports the difference).
+    auto_repair: bool = False
+    drift_interval_s: int = Field(default=300, ge=30)
+    probe_timeout_s: float = Field(default=120, gt=0)  # after the containers are healthy, for the endpoints
 
 
 class Lab(_Strict):

@@ -443,6 +443,29 @@ MIGRATIONS: list[tuple[int, str, str]] = [
         );
         """,
     ),
+    (
+        80,
+        "deployed state",
+        """
+        -- What a deploy left running on a host (deployed_state[host]): one row per container and per file.
+        CREATE TABLE deployed_state (
+            deployed_at TIMESTAMPTZ NOT NULL,
+            dagster_run_id VARCHAR,
+            host VARCHAR NOT NULL,
+            kind VARCHAR NOT NULL,          -- container | file
+            name VARCHAR NOT NULL,          -- container name, or the file's path under config_dir
+            service VARCHAR,
+            container_id VARCHAR,
+            image VARCHAR,
+            spec_hash VARCHAR,              -- io.idp.spec-hash (containers); sha256 (files)
+            status VARCHAR,
+            health VARCHAR,
+            ports VARCHAR[],
+            mode INTEGER,                   -- files: permission bits on the host
+            settings JSON                   -- containers serving an endpoint: the engine settings deployed
+        );
+        """,
+    ),
 ]
 
 

@@ -229,10 +229,20 @@ def _latest(instance: dg.DagsterInstance, key: str, partition: str):
     return records[0] if records else None
 
 
-def settings_fingerprint(inv: Lab, endpoint: str) -> str:
+def deployed_endpoint_settings(instance: dg.DagsterInstance, inv: Lab, endpoint: str) -> dict | None:
+    """The settings the last deploy put in place for the endpoint (deployed_state[host]), None if never."""
     ep = inv.endpoint(endpoint)
-    state = {"settings": ep.settings, "model": ep.model, "served_model_name": ep.served_model_name,
-             "base_url": ep.base_url}
+    rec = _latest(instance, "deployed_state", ep.host)
+    raw = rec.asset_materialization.metadata.get("endpoint_settings") if rec else None
+    return (raw.value or {}).get(endpoint) if raw is not None else None
+
+
+def settings_fingerprint(inv: Lab, endpoint: str, deployed: dict | None = None) -> str:
+    """What a benchmark of the endpoint measures: the deployed settings when the deploy job has recorded
+    them (so a benchmark follows what really runs), else the inventory's."""
+    ep = inv.endpoint(endpoint)
+    state = {"settings": ep.settings if deployed is None else deployed, "model": ep.model,
+             "served_model_name": ep.served_model_name, "base_url": ep.base_url}
     return hashlib.sha256(json.dumps(state, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -263,7 +273,7 @@ def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, n
     debounce = inv.benchmarks.debounce_s
     requests, waiting = [], []
     for ep in (e for e in inv.endpoints if e.openai_compatible):
-        fp = settings_fingerprint(inv, ep.name)
+        fp = settings_fingerprint(inv, ep.name, deployed_endpoint_settings(context.instance, inv, ep.name))
         entry = cursor.setdefault(ep.name, {"settings": fp})
         reasons = []
         if entry["settings"] != fp:

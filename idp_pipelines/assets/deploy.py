@@ -2,7 +2,8 @@
 
 Thin shells over idp_pipelines.deploy: read the inventory and the model assets' latest paths, call the
 core, return metadata (key names, never values) and the real validators' verdicts as asset checks.
-Rendering changes nothing on a host: applying the files is the deploy job's (a later issue).
+Rendering changes nothing on a host: the `deploy` job (deployed_state[host]) pushes and applies them,
+and the drift sensor reports what differs on a host afterwards.
 """
 
 import hashlib
@@ -13,7 +14,7 @@ import dagster as dg
 from idp_pipelines.assets.common import FOLLOW_UPDATES
 from idp_pipelines.lab import Lab
 from idp_pipelines.markdown import md_table
-from idp_pipelines.resources import LabResource
+from idp_pipelines.resources import LabResource, WarehouseResource
 from idp_pipelines.settings import reports_dir
 
 ENV_PRIVATE = "env_file_private"
@@ -273,4 +274,196 @@ def build(inventory: Lab) -> dg.Definitions:
 
         monitoring_assets.append(monitoring_config)
 
-    return dg.Definitions(assets=[service_secrets, service_configs, *gateway_assets, *monitoring_assets])
+    from idp_pipelines.deploy.deployer import deploy_hosts
+
+    targets = deploy_hosts(inventory)
+    deploy_partitions = host_partitions if targets == hosts else dg.StaticPartitionsDefinition(targets)
+    deployed_state, deploy_job, drift_sensor = _deploy_defs(inventory, deploy_partitions, service_configs,
+                                                            [*gateway_assets, *monitoring_assets],
+                                                            {h: h for h in hosts})
+    return dg.Definitions(assets=[service_secrets, service_configs, *gateway_assets, *monitoring_assets,
+                                  deployed_state], jobs=[deploy_job], sensors=[drift_sensor])
+
+
+class DeployConfig(dg.Config):
+    """`dry_run`: show the plan (file diffs, containers to create/replace/leave) and change nothing."""
+
+    dry_run: bool = False
+
+
+DRIFT_SENSOR = "deploy_drift_sensor"
+
+
+def _deployed_record(instance: dg.DagsterInstance, host: str):
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("deployed_state"), asset_partitions=[host]), limit=1).records
+    return records[0] if records else None
+
+
+def deployed_settings(instance: dg.DagsterInstance, host: str) -> dict[str, dict] | None:
+    """{endpoint: settings} the last deploy of `host` put in place (None: never deployed)."""
+    rec = _deployed_record(instance, host)
+    raw = rec.asset_materialization.metadata.get("endpoint_settings") if rec else None
+    return dict(raw.value) if raw is not None else None
+
+
+def _endpoint_settings(instance: dg.DagsterInstance, inv: Lab, host: str) -> dict[str, dict]:
+    """The settings each endpoint on the host is deployed with: the inventory's, with the tuned values
+    service_configs rendered (what the compose file the deploy applies carries)."""
+    tuned = _previous_tuned(instance, host)
+    out = {}
+    for ep in inv.endpoints:
+        if ep.host != host:
+            continue
+        settings = dict(ep.settings)
+        if ep.name in tuned:
+            settings["max_num_seqs" if ep.kind == "vllm" else "parallel"] = tuned[ep.name]
+        out[ep.name] = settings
+    return out
+
+
+def _endpoints_ok(inv: Lab, host: str):
+    """The probe inference_endpoints uses, for every endpoint a container on the host serves."""
+    from idp_pipelines.probe import probe_endpoint
+
+    served = {s.endpoint for s in inv.services if s.host == host and s.container and s.endpoint}
+    eps = [inv.endpoint(e) for e in sorted(served)]
+
+    def check() -> list[str]:
+        problems = []
+        for ep in eps:
+            r = probe_endpoint(ep, api_key=ep.api_key(), probes=1, timeout_s=5)
+            if not r.up:
+                problems.append(f"{ep.name}: {r.error}")
+            elif r.model_served is False:
+                problems.append(f"{ep.name}: up, but does not serve {r.expected_model} (serves {r.served_models})")
+        return problems
+
+    return check
+
+
+def _deploy_defs(inventory: Lab, host_partitions, service_configs, other_assets, docker_hosts: dict[str, str]):
+    @dg.asset(
+        partitions_def=host_partitions,
+        group_name="deploy",
+        kinds={"docker", "ssh", "duckdb"},
+        deps=[dg.AssetDep(service_configs, partition_mapping=dg.StaticPartitionMapping(docker_hosts)),
+              *other_assets],
+        output_required=False,
+        description="What really runs on the host after a deploy (containers, images, spec hashes, health, "
+                    "ports; the files in config_dir). Materialised by the `deploy` job: the plan first (file "
+                    "diffs, containers to create/replace/leave), then push, apply, healthchecks and probes. "
+                    "A dry run (config dry_run: true) shows the plan and records nothing.",
+    )
+    def deployed_state(context: dg.AssetExecutionContext, config: DeployConfig, lab: LabResource,
+                       warehouse: WarehouseResource):
+        from idp_pipelines.deploy.deployer import deploy_host, record_state, state_rows
+        from idp_pipelines.secrets import Redactor
+
+        inv, host = lab.load(), context.partition_key
+        redactor = Redactor.for_lab(inv)
+        plan_text: list[str] = []
+
+        def show(hp) -> None:
+            text = redactor.text(hp.text())
+            plan_text.append(text)
+            context.log.info(text)
+            changed = [f.rel for f in hp.files if f.changes]
+            context.log_event(dg.AssetObservation(
+                asset_key="deployed_state", partition=host,
+                metadata={"plan": dg.MetadataValue.md(f"```diff\n{text}\n```"), "dry_run": config.dry_run,
+                          "files_changing": ", ".join(changed) or "none",
+                          "containers": dg.MetadataValue.json(hp.counts())}))
+
+        result = deploy_host(inv, host, dry_run=config.dry_run, log=lambda m: context.log.info(redactor.text(m)),
+                             show_plan=show, endpoints_ok=_endpoints_ok(inv, host))
+        if config.dry_run:
+            context.log.info(f"{host}: dry run, nothing changed ({'changes pending' if result.plan.changes else 'up to date'})")
+            return
+        settings = _endpoint_settings(context.instance, inv, host)
+        by_service = {s.name: settings.get(s.endpoint) for s in inv.services if s.host == host and s.endpoint}
+        rows = state_rows(result, context.run.run_id, by_service)
+        record_state(warehouse.get(context.log), rows)
+        containers = [c.row() for c in result.containers]
+        yield dg.MaterializeResult(metadata={
+            "containers": dg.MetadataValue.md(md_table(containers, ["service", "name", "id", "image", "spec_hash",
+                                                                    "status", "health"])),
+            "container_ids": dg.MetadataValue.json({c.name: c.id for c in result.containers}),
+            "files": dg.MetadataValue.json({rel: st.sha256 for rel, st in result.files.items()}),
+            "pushed": ", ".join(result.pushed) or "none",
+            "target": result.plan.target,
+            "engine": result.plan.engine or "none (no container service)",
+            "services": ", ".join(result.services) or "-",
+            "applied": dg.MetadataValue.md("\n".join(f"- {s}" for s in (result.applied.steps if result.applied else []))
+                                           or "nothing to apply"),
+            "endpoint_settings": dg.MetadataValue.json(settings),
+            "seconds": round(result.applied.seconds, 2) if result.applied else 0.0,
+            "rows": len(rows),
+        })
+
+    deploy_job = dg.define_asset_job(
+        "deploy", selection=[deployed_state],
+        description="Deploy one host: the plan, then push the rendered files, apply the containers, wait for "
+                    "health and the endpoints' probe. Launchpad config `dry_run: true` only shows the plan.")
+
+    @dg.sensor(
+        name=DRIFT_SENSOR,
+        job=deploy_job,
+        minimum_interval_seconds=inventory.deploy.drift_interval_s,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Compares every deployed host with its rendered files and containers; reports a difference "
+                    "(edited file, container stopped or replaced by hand) as an observation of deployed_state; "
+                    "requests a re-deploy only if lab.yaml deploy.auto_repair.",
+    )
+    def deploy_drift_sensor(context: dg.SensorEvaluationContext, lab: LabResource):
+        return evaluate_drift(context, lab.load())
+
+    return deployed_state, deploy_job, deploy_drift_sensor
+
+
+def evaluate_drift(context: dg.SensorEvaluationContext, inv: Lab, home=None):
+    """One tick: for each deployed host, the drift; an observation when it changed since the last tick
+    (the cursor keeps each host's drift fingerprint), a re-deploy request if deploy.auto_repair."""
+    from idp_pipelines.deploy import DeployError
+    from idp_pipelines.deploy.deployer import host_drift
+    from idp_pipelines.deploy.drift import fingerprint
+    from idp_pipelines.secrets import Redactor
+
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    redactor = Redactor.for_lab(inv)
+    events, requests, seen = [], [], []
+    from idp_pipelines.deploy.deployer import deploy_hosts
+
+    for host in deploy_hosts(inv):
+        rec = _deployed_record(context.instance, host)
+        if rec is None:
+            continue  # never deployed: nothing can have drifted
+        raw = rec.asset_materialization.metadata.get("container_ids")
+        try:
+            drifts = host_drift(inv, host, dict(raw.value) if raw is not None else {}, home)
+            fp, error = fingerprint(drifts), None
+        except DeployError as exc:
+            drifts, error = [], redactor.text(str(exc))
+            fp = "unreachable:" + hashlib.sha256(error.encode()).hexdigest()[:12]
+        seen.append(f"{host}: {len(drifts)} difference(s)" if not error else f"{host}: unreachable")
+        changed = cursor.get(host, "") != fp
+        cursor[host] = fp
+        if not changed:
+            continue
+        rows = [{"kind": d.kind, "name": d.name, "what": d.what} for d in drifts]
+        diffs = "\n\n".join(f"{d.kind} {d.name} ({d.what}):\n{d.detail}" for d in drifts)
+        events.append(dg.AssetObservation(asset_key="deployed_state", partition=host, metadata={
+            "drift": dg.MetadataValue.md(md_table(rows, ["kind", "name", "what"]) if rows else
+                                         (f"cannot check: {error}" if error else "none: the host matches its rendered state")),
+            "differences": len(drifts),
+            "detail": dg.MetadataValue.md(f"```diff\n{redactor.text(diffs)}\n```" if diffs else "-"),
+            "auto_repair": inv.deploy.auto_repair,
+        }))
+        if drifts and inv.deploy.auto_repair:
+            requests.append(dg.RunRequest(partition_key=host, run_key=f"repair:{host}:{fp}",
+                                          tags={"idp/trigger": "drift"}))
+    new_cursor = json.dumps(cursor, sort_keys=True)
+    if events or requests:
+        return dg.SensorResult(asset_events=events, run_requests=requests, cursor=new_cursor)
+    return dg.SensorResult(cursor=new_cursor, skip_reason=dg.SkipReason(
+        "no change in drift: " + ("; ".join(seen) or "no host deployed yet")))
