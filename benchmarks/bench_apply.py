@@ -39,7 +39,7 @@ def run(home: Path) -> None:
     from idp_pipelines.assets.deploy import _endpoints_ok
     from idp_pipelines.deploy.apply import wait_healthy
     from idp_pipelines.deploy.deployer import deploy_host, load_host_project
-    from idp_pipelines.embedded.processes import free_port
+    from idp_pipelines.processes import free_port
     from idp_pipelines.lab import load_lab
     from tests.deploy.conftest import lab_with
     from tests.deploy_apply.test_deploy_job import HOST, render_stand_in

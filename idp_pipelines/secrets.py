@@ -29,7 +29,7 @@ _SECRET_ENV = re.compile(r"(?i)(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH
 
 def service_env_path(host: str, home: Path | None = None) -> Path:
     """The key store of a Docker host: its `.env` (0600), written by the deploy group's service_secrets."""
-    return (home or settings.idp_home()) / "deploy" / host / ".env"
+    return settings.deploy_dir(home) / host / ".env"
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -54,7 +54,7 @@ def stored_key(host: str, name: str) -> str | None:
 
 def stored_keys(home: Path | None = None) -> list[str]:
     """Every generated service key under IDP_HOME: the redactor learns them wherever it runs."""
-    root = (home or settings.idp_home()) / "deploy"
+    root = settings.deploy_dir(home)
     if not root.is_dir():
         return []
     return [v for env in sorted(root.glob("*/.env")) for v in read_env_file(env).values()]

@@ -33,6 +33,12 @@ def dagster_url() -> str:
     return (os.environ.get("IDP_DAGSTER_URL") or "http://127.0.0.1:3000").rstrip("/")
 
 
+def deploy_dir(home: Path | None = None) -> Path:
+    """Rendered service configs, one folder per host (what goes to its config_dir); each Docker host's
+    `.env` there is the lab's key store."""
+    return (home or idp_home()) / "deploy"
+
+
 def reports_dir() -> Path:
     """Reports other tools read: hardware_findings.md, benchmark_tuning.json, findings/<run>.md."""
     return idp_home() / "reports"

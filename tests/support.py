@@ -12,7 +12,7 @@ from pathlib import Path
 import yaml
 
 from idp_pipelines import llama_tools
-from idp_pipelines.embedded.processes import free_port, stop_process_group, wait_http
+from idp_pipelines.processes import free_port, stop_process_group, wait_http
 from idp_pipelines.settings import REPO_ROOT
 
 

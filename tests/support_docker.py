@@ -47,7 +47,7 @@ def _fail(msg: str) -> None:
 @contextlib.contextmanager
 def docker_engine(root: Path, timeout_s: float = 90.0) -> Iterator[Engine]:
     """Start dockerd under `root` (short paths: a unix socket path has a 108-byte limit) and stop it after."""
-    from idp_pipelines.embedded.processes import stop_process_group
+    from idp_pipelines.processes import stop_process_group
 
     dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
     if not Path(dockerd).exists():

@@ -31,7 +31,7 @@ class Sshd:
 
 @contextlib.contextmanager
 def sshd_server(d: Path, timeout_s: float = 30.0) -> Iterator[Sshd]:
-    from idp_pipelines.embedded.processes import free_port, stop_process_group
+    from idp_pipelines.processes import free_port, stop_process_group
 
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
     assert Path(binary).exists(), "sshd not found. Fix: apt-get install openssh-server (make setup installs it)"

@@ -26,10 +26,11 @@ _ACTIVE = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.Dagst
 
 
 def state_sources(inv: Lab, warehouse_path: str) -> dict[str, Path]:
-    """Where each state item of `backup.include` lives (generated service keys: IDP_HOME/secrets)."""
+    """Where each state item of `backup.include` lives (generated service keys: each host's `.env` under
+    settings.deploy_dir(), with the rendered files beside them)."""
     home = settings.idp_home()
     every = {"warehouse": Path(warehouse_path), "mlflow": home / "mlflow", "dagster": settings.dagster_home(),
-             "keys": home / "secrets", "vault": inv.vault.path}
+             "keys": settings.deploy_dir(), "vault": inv.vault.path}
     return {name: every[name] for name in inv.backup.include}
 
 

@@ -20,9 +20,7 @@ class DeployError(RuntimeError):
     """A deploy file cannot be rendered as the inventory and the materialisations stand."""
 
 
-def deploy_dir(home: Path | None = None) -> Path:
-    """Rendered files, one folder per host: what is copied to that host's config_dir."""
-    return (home or settings.idp_home()) / "deploy"
+deploy_dir = settings.deploy_dir
 
 
 def host_dir(host: str, home: Path | None = None) -> Path:

@@ -148,7 +148,7 @@ def _pinned(name: str, address: str, port: int, key: str) -> Path:
     from idp_pipelines import settings
     from idp_pipelines.files import atomic_write
 
-    path = settings.idp_home() / "deploy" / ".ssh" / f"known_hosts-{name}"
+    path = settings.deploy_dir() / ".ssh" / f"known_hosts-{name}"
     line = f"{address if port == 22 else f'[{address}]:{port}'} {key}\n"
     if not path.exists() or path.read_text() != line:
         atomic_write(path, line, mode=0o600)

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from idp_pipelines.embedded.processes import free_port, stop_process_group, wait_http
+from idp_pipelines.processes import free_port, stop_process_group, wait_http
 
 
 def server_argv(host: str, port: int, store: Path) -> list[str]:

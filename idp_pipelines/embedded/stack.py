@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from idp_pipelines import llama_tools, settings
 from idp_pipelines.embedded.mlflow_server import server_argv
-from idp_pipelines.embedded.processes import answers, stop_process_group
+from idp_pipelines.processes import answers, stop_process_group
 from idp_pipelines.lab import Lab, load_lab
 from idp_pipelines.locks import LockTimeout, file_lock
 

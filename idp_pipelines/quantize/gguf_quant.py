@@ -467,7 +467,7 @@ def smoke_generate(
     """
     import httpx
 
-    from idp_pipelines.embedded.processes import free_port, stop_process_group
+    from idp_pipelines.processes import free_port, stop_process_group
 
     p = Path(path)
     if not p.is_file():

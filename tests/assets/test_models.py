@@ -32,6 +32,9 @@ def _lab(tmp_path, hub, **model_changes):
     path = write_lab(tmp_path / "lab.yaml", hub_url=hub.url)
     data = yaml.safe_load(path.read_text())
     data["models"][0].update(model_changes)
+    # a compose service that serves a quantization the changed model no longer makes goes with it
+    targets = data["models"][0].get("quantize") or []
+    data["services"] = [s for s in data.get("services", []) if not s.get("quant") or s["quant"] in targets]
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -15,6 +15,7 @@ import pytest
 from idp_pipelines.backup import Target
 from idp_pipelines.hub import download_model
 from idp_pipelines.warehouse import Warehouse, insert_rows
+from tests.support_sshd import Sshd, sshd_server
 
 REPO = "lab/tiny-model"
 SPARSE_BYTES = 64 * 1024 * 1024  # apparent size; a few blocks on disk
@@ -102,12 +103,12 @@ def tree(root: Path) -> dict[str, tuple]:
     return out
 
 
-@dataclass
-class Sshd:
-    port: int
-    key: Path  # the client's private key
-    known_hosts: Path
-    log: Path
+class SshTarget:
+    """The tests' own sshd (tests/support_sshd.py) seen as a backup target."""
+
+    def __init__(self, server: Sshd) -> None:
+        self.server, self.port, self.key, self.known_hosts, self.log = (
+            server, server.port, server.key, server.known_hosts, server.log)
 
     def target(self, path: Path) -> Target:
         return Target(str(path), host="127.0.0.1", user="root", port=self.port, identity_file=str(self.key),
@@ -117,41 +118,5 @@ class Sshd:
 @pytest.fixture
 def sshd(tmp_path):
     """Debian's openssh-server on 127.0.0.1 (a free port), its own config, a throwaway host key and client key."""
-    import shutil
-    import socket
-    import subprocess
-    import time
-
-    from idp_pipelines.embedded.processes import free_port, stop_process_group
-
-    binary = shutil.which("sshd") or "/usr/sbin/sshd"
-    assert Path(binary).exists(), "sshd not found. Fix: apt-get install openssh-server (make setup installs it)"
-    d = tmp_path / "sshd"
-    d.mkdir()
-    for name in ("host", "client"):
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
-    (d / "authorized_keys").write_text((d / "client.pub").read_text())
-    port = free_port()
-    (d / "sshd_config").write_text(
-        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nPubkeyAuthentication yes\n"
-        "PermitRootLogin prohibit-password\nStrictModes no\nUsePAM no\nPidFile none\nSubsystem sftp internal-sftp\n")
-    host_pub = (d / "host.pub").read_text().split()
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_pub[0]} {host_pub[1]}\n")
-    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation folder
-    log = d / "sshd.log"
-    proc = subprocess.Popen([binary, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log.open("wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert proc.poll() is None, f"sshd exited: {log.read_text()}"
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, f"sshd did not listen on {port}: {log.read_text()}"
-                time.sleep(0.1)
-        yield Sshd(port, d / "client", d / "known_hosts", log)
-    finally:
-        stop_process_group(proc)
+    with sshd_server(tmp_path / "sshd") as server:
+        yield SshTarget(server)

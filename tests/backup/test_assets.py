@@ -58,7 +58,7 @@ def test_model_then_backup_then_verification_with_checks_restore_and_drill(lab, 
     assert md["files_sent"] == md["files"] and md["bytes_sent"] == md["apparent_bytes"]
     assert md["own_bytes"] == md["apparent_bytes"] > 5_000_000 and md["mb_per_s"] > 0
     assert md["state"] == {"warehouse": "copied", "mlflow": f"absent: {home / 'mlflow'}",
-                           "dagster": f"absent: {home / 'dagster'}", "keys": f"absent: {home / 'secrets'}"}
+                           "dagster": f"absent: {home / 'dagster'}", "keys": f"absent: {home / 'deploy'}"}
     checks = _checks(result)
     assert checks[BACKUP_COVERAGE].passed and checks[BACKUP_INTACT].passed, checks
     (ver,) = result.asset_materializations_for_node("backup_verification")

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from idp_pipelines.deploy.apply import LABEL_HASH, LABEL_PROJECT, LABEL_SERVICE, ApplyError, apply, load_project, plan
-from idp_pipelines.embedded.processes import free_port
+from idp_pipelines.processes import free_port
 from tests.support_docker import httpd_service
 
 KEY = "f" * 64

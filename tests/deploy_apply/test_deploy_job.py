@@ -8,7 +8,7 @@ import yaml
 from dagster._serdes import serialize_value
 
 from idp_pipelines.assets import deploy
-from idp_pipelines.embedded.processes import free_port
+from idp_pipelines.processes import free_port
 from idp_pipelines.files import atomic_write
 from idp_pipelines.lab import load_lab
 from idp_pipelines.resources import LabResource, WarehouseResource

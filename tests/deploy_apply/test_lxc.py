@@ -18,7 +18,7 @@ from idp_pipelines.deploy.keys import ensure_keys, host_keys
 from idp_pipelines.deploy.lxc import place, reload_grafana, site_link
 from idp_pipelines.deploy.monitoring import render_monitoring
 from idp_pipelines.deploy.render import write_monitoring
-from idp_pipelines.embedded.processes import free_port, stop_process_group, wait_http
+from idp_pipelines.processes import free_port, stop_process_group, wait_http
 from idp_pipelines.files import atomic_write
 from idp_pipelines.lab import load_lab
 from tests.deploy.conftest import lab_with

@@ -8,7 +8,7 @@ import pytest
 
 from idp_pipelines.deploy import DeployError
 from idp_pipelines.deploy.deployer import deploy_host
-from idp_pipelines.embedded.processes import free_port
+from idp_pipelines.processes import free_port
 from idp_pipelines.lab import load_lab
 from tests.deploy.conftest import lab_with
 from tests.deploy_apply.test_deploy_job import HOST, KEY, render_stand_in

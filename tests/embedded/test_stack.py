@@ -10,12 +10,13 @@ def test_the_main_job_measures_after_everything_else_and_follows_up_after_the_me
     stages = Stack(REPO_ROOT / "labs" / "local.yaml", tmp_path, 3000).main_job_stages()
     assert stages == [
         ("everything but the measurements",
-         ["benchmark_tuning", "gateway_config", "gguf_model", "git_commits", "hardware_findings", "hub_model",
-          "inference_endpoints", "mlflow_experiments", "model_cache_inventory", "monitoring_config", "obsidian_notes",
-          "service_configs", "service_secrets"]),
+         ["backup_verification", "benchmark_tuning", "cache_backup", "deployed_state", "gateway_config", "gguf_model",
+          "git_commits", "hardware_findings", "hub_model", "inference_endpoints", "mlflow_experiments",
+          "model_cache_inventory", "model_cache_rehash", "monitoring_config", "obsidian_notes", "service_configs",
+          "service_secrets"]),
         ("the measurements (benchmark_runs, rpc_latency)", ["benchmark_runs", "rpc_latency"]),
-        # the deploy group renders again once benchmark_tuning has a recommendation
-        ("what follows the measurements", ["benchmark_tuning", "gateway_config", "hardware_findings",
+        # the deploy group renders (and deploys) again once benchmark_tuning has a recommendation
+        ("what follows the measurements", ["benchmark_tuning", "deployed_state", "gateway_config", "hardware_findings",
                                            "mlflow_experiments", "monitoring_config", "obsidian_notes",
                                            "service_configs"]),
     ]

@@ -10,7 +10,7 @@ from idp_pipelines.assets import tracking
 from idp_pipelines.lab import load_lab
 from idp_pipelines.resources import LabResource, MLflowResource, WarehouseResource
 from idp_pipelines.tracking.specs import TUNED_BY_SLO
-from idp_pipelines.embedded.processes import free_port
+from idp_pipelines.processes import free_port
 from tests.support import write_lab
 from tests.tracking.synthetic import T0, insert_benchmark_run
 

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from idp_pipelines.assets.tracking import recommended_concurrency
-from idp_pipelines.embedded.processes import free_port
+from idp_pipelines.processes import free_port
 from idp_pipelines.secrets import REDACTED, Redactor
 from idp_pipelines.tracking import BENCHMARK, QUANTIZATION, MLflowLogger, TrackingError
 from idp_pipelines.tracking.specs import TUNED_BY_SLO
