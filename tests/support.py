@@ -1,4 +1,4 @@
-"""Helpers shared by the tests: a real llama.cpp server (its C++ llama-server) and lab files (process helpers: embedded.processes)."""
+"""Helpers shared by the tests: a real llama.cpp server (its C++ llama-server) and lab files (process helpers: idp_pipelines.processes)."""
 
 from __future__ import annotations
 
