@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Debian packages the tests and the embedded lab use (git for the knowledge domain; curl for the
 # download benchmark; cmake and g++ build llama.cpp's tools). Checked with dpkg first, so a machine that
 # has them makes no apt call.
-APT_PACKAGES := git curl cmake g++ make nginx prometheus rsync openssh-server docker.io busybox-static
+APT_PACKAGES := git curl cmake g++ make nginx prometheus openssl rsync openssh-server docker.io busybox-static
 
 .PHONY: up test bench install system-deps llama-cpp clean-state
 

@@ -38,6 +38,11 @@ def read_env_file(path: Path) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    return parse_env(text)
+
+
+def parse_env(text: str) -> dict[str, str]:
+    """The one .env parser: NAME=value lines, comments and blank lines skipped."""
     out: dict[str, str] = {}
     for line in text.splitlines():
         line = line.strip()

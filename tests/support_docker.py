@@ -51,7 +51,7 @@ def docker_engine(root: Path, timeout_s: float = 90.0) -> Iterator[Engine]:
 
     dockerd = shutil.which("dockerd") or "/usr/sbin/dockerd"
     if not Path(dockerd).exists():
-        _fail("dockerd not found. Fix: apt-get install docker.io (make setup installs it).")
+        _fail("dockerd not found. Fix: apt-get install docker.io (make install does: APT_PACKAGES).")
     if os.geteuid() != 0:
         _fail("dockerd needs root here (no rootless setup): run the deploy tests as root.")
     if not Path("/sys/fs/cgroup").is_dir() or not any(Path("/sys/fs/cgroup").iterdir()):
@@ -109,7 +109,7 @@ def _unmount_under(root: Path) -> None:
 def busybox_rootfs() -> bytes:
     """A tarball of a root filesystem: busybox-static and links for the applets the stand-ins use."""
     if not Path(BUSYBOX).exists():
-        _fail(f"{BUSYBOX} not found. Fix: apt-get install busybox-static (make setup installs it).")
+        _fail(f"{BUSYBOX} not found. Fix: apt-get install busybox-static (make install does: APT_PACKAGES).")
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for d in ("bin", "tmp", "www", "etc", "proc", "sys", "dev"):

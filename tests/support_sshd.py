@@ -34,7 +34,7 @@ def sshd_server(d: Path, timeout_s: float = 30.0) -> Iterator[Sshd]:
     from idp_pipelines.processes import free_port, stop_process_group
 
     binary = shutil.which("sshd") or "/usr/sbin/sshd"
-    assert Path(binary).exists(), "sshd not found. Fix: apt-get install openssh-server (make setup installs it)"
+    assert Path(binary).exists(), "sshd not found. Fix: apt-get install openssh-server (make install does: APT_PACKAGES)"
     d.mkdir(parents=True, exist_ok=True)
     for name in ("host", "client"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)

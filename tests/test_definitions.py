@@ -81,7 +81,7 @@ def test_importing_the_code_location_does_no_io_and_stays_light(tmp_path):
     """Import with IDP_LAB pointing at a missing file and IDP_HOME unwritable: nothing may notice."""
     code = (
         "import sys, time; import dagster; t=time.perf_counter(); import idp_pipelines.definitions as d; "
-        "print(time.perf_counter()-t); heavy=[m for m in ('mlflow','duckdb','pandas','huggingface_hub','llama_cpp') "
+        "print(time.perf_counter()-t); heavy=[m for m in ('mlflow','duckdb','pandas','huggingface_hub','docker','jsonschema','check_jsonschema','gguf','matplotlib') "
         "if m in sys.modules]; print(heavy)"
     )
     env = {**os.environ, "IDP_LAB": str(tmp_path / "missing.yaml"), "IDP_HOME": "/proc/nonexistent/idp"}

@@ -11,7 +11,7 @@ from typing import get_args
 import dagster as dg
 
 from idp_pipelines import settings
-from idp_pipelines.assets.common import Throttle
+from idp_pipelines.assets.common import Throttle, check_result
 from idp_pipelines.backup.checks import BACKUP_COVERAGE, BACKUP_INTACT, RESTORE_DRILL
 from idp_pipelines.lab import BackupState, Lab
 from idp_pipelines.markdown import md_table
@@ -32,11 +32,6 @@ def state_sources(inv: Lab, warehouse_path: str) -> dict[str, Path]:
     every = {"warehouse": Path(warehouse_path), "mlflow": home / "mlflow", "dagster": settings.dagster_home(),
              "keys": settings.deploy_dir(), "vault": inv.vault.path}
     return {name: every[name] for name in inv.backup.include}
-
-
-def _checks(judgements) -> list[dg.AssetCheckResult]:
-    return [dg.AssetCheckResult(check_name=j.check, passed=j.passed, description=j.description,
-                                severity=dg.AssetCheckSeverity[j.severity]) for j in judgements]
 
 
 def _progress(log):
@@ -135,7 +130,7 @@ def build(inventory: Lab) -> dg.Definitions:
                 "deleted": dg.MetadataValue.json(result.deleted),
             },
             data_version=dg.DataVersion(result.name),
-            check_results=_checks([judge_coverage(gaps, result.name, str(inv.model_cache.path), len(in_cache))]),
+            check_results=[check_result(judge_coverage(gaps, result.name, str(inv.model_cache.path), len(in_cache)))],
         )
 
     @dg.asset(
@@ -194,7 +189,7 @@ def build(inventory: Lab) -> dg.Definitions:
                     [dict(f, models=", ".join(f["models"])) for f in report.findings],
                     ["file", "problem", "expected", "actual", "models"]) if report.findings else "none"),
             },
-            check_results=_checks([judge_verification(report, target.describe())]),
+            check_results=[check_result(judge_verification(report, target.describe()))],
         )
 
     @dg.asset_check(asset=cache_backup, name=RESTORE_DRILL, blocking=False,
@@ -218,9 +213,7 @@ def build(inventory: Lab) -> dg.Definitions:
         with warehouse.get(context.log).write() as con:
             record_restore(con, run_id=context.run.run_id, target=target.describe(), drill=report)
         j = judge_drill(report, target.describe())
-        return dg.AssetCheckResult(passed=j.passed, description=j.description, severity=dg.AssetCheckSeverity[j.severity],
-                                   metadata={"snapshot": name, "model": report.repo_id or "",
-                                             "seconds": round(report.seconds, 3)})
+        return check_result(j, snapshot=name, model=report.repo_id or "", seconds=round(report.seconds, 3))
 
     @dg.op(tags=tags, description="Bring back one model, the whole cache or a state item from a snapshot.")
     def restore_from_backup(context: dg.OpExecutionContext, config: RestoreConfig, lab: LabResource,

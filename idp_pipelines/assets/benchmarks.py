@@ -8,14 +8,13 @@ from collections.abc import Callable
 import dagster as dg
 
 from idp_pipelines import settings
-from idp_pipelines.assets.common import FOLLOW_UPDATES, Throttle
+from idp_pipelines.assets.common import FOLLOW_UPDATES, Throttle, check_result
+from idp_pipelines.bench.checks import NO_REGRESSION, SANE
 from idp_pipelines.files import atomic_write
 from idp_pipelines.lab import Lab
 from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import LabResource, WarehouseResource
 
-NO_REGRESSION = "no_regression_against_baseline"
-SANE = "sane_results"
 TRIGGER_TAG = "idp/trigger"
 
 
@@ -27,11 +26,6 @@ def _step_progress(log) -> Callable[[str, int, int], None]:
 
 def _fmt(v, unit: str = "") -> str:
     return "n/a" if v is None else f"{v:,.1f}{unit}"
-
-
-def _check(name: str, judgement) -> dg.AssetCheckResult:
-    return dg.AssetCheckResult(check_name=name, passed=judgement.passed, description=judgement.description,
-                               metadata=judgement.metadata)
 
 
 def build(inventory: Lab) -> dg.Definitions:
@@ -94,7 +88,7 @@ def build(inventory: Lab) -> dg.Definitions:
                 "ceiling_source": out.ceiling_source,
             },
             data_version=dg.DataVersion(out.run_id),
-            check_results=[_check(NO_REGRESSION, regression), _check(SANE, sane)],
+            check_results=[check_result(regression), check_result(sane)],
         )
 
     @dg.asset(

@@ -2,8 +2,11 @@
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import dagster as dg
+
+from idp_pipelines.checks import Judgement
 
 # Downstream of partitioned assets some partitions may never be materialised (an endpoint that is off,
 # a model not downloaded yet): eager() would wait for them forever, so follow any update of a
@@ -13,6 +16,12 @@ FOLLOW_UPDATES = (
     .without(~dg.AutomationCondition.any_deps_missing())
     .with_label("eager, even with upstream partitions missing")
 )
+
+
+def check_result(j: Judgement, **metadata: Any) -> dg.AssetCheckResult:
+    """A core's Judgement as Dagster's check result (one conversion for every domain)."""
+    return dg.AssetCheckResult(check_name=j.check, passed=j.passed, description=j.description,
+                               severity=dg.AssetCheckSeverity[j.severity], metadata={**j.metadata, **metadata})
 
 
 class Throttle:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import dagster as dg
 
-from idp_pipelines.assets.common import FOLLOW_UPDATES, Throttle
+from idp_pipelines.assets.common import FOLLOW_UPDATES, Throttle, check_result
 from idp_pipelines.hub.checks import (
     CACHE_BUDGET, CACHE_COMPLETE, CACHE_INCOMPLETE, CACHE_ORPHANS, CACHE_UNUSED, REHASH_INTACT,
 )
@@ -45,11 +45,6 @@ def _blob_sha256(path: Path) -> str:
     from idp_pipelines.files import sha256_file
 
     return sha256_file(path)
-
-
-def _check_results(judgements) -> list[dg.AssetCheckResult]:
-    return [dg.AssetCheckResult(check_name=j.check, passed=j.passed, description=j.description,
-                                severity=dg.AssetCheckSeverity[j.severity]) for j in judgements]
 
 
 def build(inventory: Lab) -> dg.Definitions:
@@ -134,7 +129,7 @@ def build(inventory: Lab) -> dg.Definitions:
                    if model.serving_quantization else "served as downloaded")
             context.log.info(f"{model.name}: no quantize targets; {how}")
             return dg.MaterializeResult(metadata={"serving": how, "outputs": 0},
-                                        check_results=_check_results(judge_nothing_to_make(how)))
+                                        check_results=[check_result(j) for j in judge_nothing_to_make(how)])
         if model.format != "gguf":
             raise QuantizeError(
                 f"{model.name}: quantize targets {model.quantize} need a GGUF source, but the model's format is "
@@ -176,7 +171,7 @@ def build(inventory: Lab) -> dg.Definitions:
                 "path": dg.MetadataValue.path(str(Path(table[0]["file"]).parent)),
             },
             data_version=dg.DataVersion(f"{src_sha256[:16]}:{','.join(model.quantize)}"),
-            check_results=_check_results(judge_outputs([o for o, _ in outputs])),
+            check_results=[check_result(j) for j in judge_outputs([o for o, _ in outputs])],
         )
 
     @dg.sensor(
@@ -274,7 +269,7 @@ def model_cache_inventory(context: dg.AssetExecutionContext, lab: LabResource,
             "reclaimable_bytes": dg.MetadataValue.int(cache.reclaimable_bytes),
             "summary": dg.MetadataValue.md(cache.to_markdown()),
         },
-        check_results=_check_results(judgements),
+        check_results=[check_result(j) for j in judgements],
     )
 
 
@@ -326,5 +321,5 @@ def model_cache_rehash(context: dg.AssetExecutionContext, lab: LabResource,
             "seconds": dg.MetadataValue.float(round(report.seconds, 3)),
             "slice": dg.MetadataValue.md(md_table(rows, ["blob", "bytes", "files"]) if rows else "empty cache"),
         },
-        check_results=_check_results([judgement]),
+        check_results=[check_result(judgement)],
     )

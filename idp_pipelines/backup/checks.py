@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from idp_pipelines.backup.restore import DrillReport
 from idp_pipelines.backup.verify import VerifyReport
+from idp_pipelines.checks import Judgement
 
 BACKUP_INTACT = "backup_intact"
 BACKUP_COVERAGE = "backup_coverage"
 RESTORE_DRILL = "restore_drill"
 
 _SHOWN = 10
-
-
-@dataclass(frozen=True)
-class Judgement:
-    check: str
-    passed: bool
-    description: str
-    severity: str = "ERROR"  # "ERROR" | "WARN"
 
 
 def _more(n: int) -> str:

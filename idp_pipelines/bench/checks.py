@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
+from idp_pipelines.checks import Judgement
 
 __all__ = ["Judgement", "MIN_BASELINE_RUNS", "MAX_ERROR_RATE", "MIN_LENGTH_HONOURED", "MAX_CACHED_FRACTION",
            "regression", "sanity", "error_digest", "describe_errors"]
 
 MIN_BASELINE_RUNS = 3
+NO_REGRESSION = "no_regression_against_baseline"
+SANE = "sane_results"
 MAX_ERROR_RATE = 0.05
 MIN_LENGTH_HONOURED = 0.9
 # With cache_bust on, a step where more than this share of the requests came mostly from the server's
@@ -19,19 +21,12 @@ MIN_LENGTH_HONOURED = 0.9
 MAX_CACHED_FRACTION = 0.1
 
 
-@dataclass(frozen=True)
-class Judgement:
-    passed: bool
-    description: str
-    metadata: dict[str, Any] = field(default_factory=dict)
-
-
 def regression(head: Mapping[str, Any], base: Mapping[str, Any], tolerance: float) -> Judgement:
     """This run's headline (throughput at the top concurrency, TTFT p95 at the lowest) against the
     median of recent nightly runs; passes with a note while fewer than MIN_BASELINE_RUNS exist."""
     runs = base.get("runs") or 0
     if runs < MIN_BASELINE_RUNS:
-        return Judgement(True, f"not enough baseline yet: {runs} earlier nightly run(s), {MIN_BASELINE_RUNS} needed")
+        return Judgement(NO_REGRESSION, True, f"not enough baseline yet: {runs} earlier nightly run(s), {MIN_BASELINE_RUNS} needed")
     problems = []
     tput, base_tput = head.get("output_tokens_per_s"), base.get("output_tokens_per_s")
     if base_tput and tput is not None and tput < (1 - tolerance) * base_tput:
@@ -42,9 +37,9 @@ def regression(head: Mapping[str, Any], base: Mapping[str, Any], tolerance: floa
     if base_ttft and ttft is not None and ttft > (1 + tolerance) * base_ttft:
         problems.append(f"TTFT {ttft:.1f} ms is above the baseline {base_ttft:.1f} ms by more than {tolerance:.0%}")
     return Judgement(
-        not problems,
+        NO_REGRESSION, not problems,
         "; ".join(problems) or f"within {tolerance:.0%} of the median of {runs} nightly runs",
-        {"baseline_runs": runs, "baseline_output_tokens_per_s": base_tput, "baseline_ttft_ms": base_ttft},
+        metadata={"baseline_runs": runs, "baseline_output_tokens_per_s": base_tput, "baseline_ttft_ms": base_ttft},
     )
 
 
@@ -73,7 +68,7 @@ def sanity(steps: Sequence[Mapping[str, Any]], *, cache_bust: bool, max_other_lo
             insane.append(f"{where}: measured under load: other processes used {load:.2f} cores of this host "
                           f"(limit benchmarks.max_other_load_cores = {max_other_load_cores:g})"
                           + (f", mostly {who}" if who else ""))
-    return Judgement(not insane, "; ".join(insane) or "errors, lengths, roofline, prompt cache and host load sane")
+    return Judgement(SANE, not insane, "; ".join(insane) or "errors, lengths, roofline, prompt cache and host load sane")
 
 
 def error_digest(records: Iterable[Any], into: dict[str, list] | None = None) -> dict[str, list]:

@@ -105,7 +105,7 @@ def reload_prometheus(base_url: str, run: Callable[[str], tuple[int, str]]) -> s
 
 
 def reload_grafana(base_url: str, user: str, password: str) -> str:
-    """Grafana's provisioning reload (dashboards, then datasources) with its admin credentials."""
+    """Grafana's provisioning reload (datasources, then dashboards) with its admin credentials."""
     import httpx
 
     auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from idp_pipelines.files import atomic_write
-from idp_pipelines.secrets import read_env_file
+from idp_pipelines.secrets import parse_env
 
 from . import DeployError
 from .ssh import SshConn
@@ -103,7 +103,8 @@ class SshDir:
     def write(self, rel: str, data: bytes, mode: int) -> None:
         path = f"{self.root}/{rel}"
         q = shlex.quote(path)
-        self.conn.run(f"set -e; umask 077; mkdir -p {shlex.quote(os.path.dirname(path))}; "
+        # the folder as a service user can read it (Grafana's dashboards folder); only the file is private
+        self.conn.run(f"set -e; mkdir -p -m 0755 {shlex.quote(os.path.dirname(path))}; umask 077; "
                       f"t={q}.$${TMP_SUFFIX}; cat > \"$t\"; chmod {mode:o} \"$t\"; mv -f \"$t\" {q}", stdin=data)
 
     def remove(self, rel: str) -> None:
@@ -152,13 +153,8 @@ def _secret_diff(rel: str, old: bytes | None, new: bytes) -> str:
     if Path(rel).name != ".env":
         return f"(secret file {rel}: contents {'differ' if old is not None else 'new'}; not shown)"
 
-    def parse(b: bytes) -> dict[str, str]:
-        import tempfile
-
-        with tempfile.NamedTemporaryFile() as f:  # read_env_file is the one .env parser
-            f.write(b)
-            f.flush()
-            return read_env_file(Path(f.name))
+    def parse(b: bytes) -> dict[str, str]:  # in memory: live keys never pass through a temp file
+        return parse_env(b.decode("utf-8", "replace"))
 
     a, b = parse(old or b""), parse(new)
     parts = [f"{k}: {what}" for k, what in

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 from .inventory import CacheInventory, human_bytes
 from .records import ExpectedSnapshot
 from .rehash import RehashReport
+from idp_pipelines.checks import Judgement
 
 CACHE_BUDGET = "within_budget"
 CACHE_ORPHANS = "no_orphaned_blobs"
@@ -15,14 +15,6 @@ CACHE_INCOMPLETE = "no_incomplete_downloads"
 CACHE_UNUSED = "no_unused_revisions"
 CACHE_COMPLETE = "models_complete"
 REHASH_INTACT = "no_bit_rot"
-
-
-@dataclass(frozen=True)
-class Judgement:
-    check: str
-    passed: bool
-    description: str
-    severity: str = "ERROR"  # "ERROR" | "WARN"
 
 
 def _listing(rows: list[dict], key: str, size: str = "bytes") -> str:

@@ -5,19 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .gguf_quant import GGUFSummary, QuantResult, expected_size_ratio
+from idp_pipelines.checks import Judgement
 
 GGUF_TYPES = "tensor_types_as_expected"
 GGUF_GENERATES = "loads_and_generates"
 GGUF_SIZE = "size_ratio_plausible"
 GGUF_CHECKS = (GGUF_TYPES, GGUF_GENERATES, GGUF_SIZE)
-
-
-@dataclass(frozen=True)
-class Judgement:
-    check: str
-    passed: bool
-    description: str
-    severity: str = "ERROR"  # "ERROR" | "WARN"
 
 
 @dataclass(frozen=True)
