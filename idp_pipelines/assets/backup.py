@@ -148,17 +148,15 @@ def build(inventory: Lab) -> dg.Definitions:
     )
     def backup_verification(context: dg.AssetExecutionContext, config: VerifyConfig, lab: LabResource,
                             warehouse: WarehouseResource) -> dg.MaterializeResult:
-        from idp_pipelines.backup import BackupError, Target
+        from idp_pipelines.backup import Target
         from idp_pipelines.backup.checks import judge_verification
         from idp_pipelines.backup.records import gguf_hashes, last_verify_cursor, record_verification
-        from idp_pipelines.backup.snapshot import manifest_of, newest
+        from idp_pipelines.backup.snapshot import manifest_of, newest_or_fail
         from idp_pipelines.backup.verify import verify_snapshot
 
         inv = lab.load()
         target = Target.from_inventory(inv.backup)
-        name = newest(target)
-        if name is None:
-            raise BackupError(f"No complete snapshot on {target.describe()}. Fix: materialise cache_backup first.")
+        name = newest_or_fail(target)
         wh = warehouse.get(context.log)
         with wh.read() as con:
             cursor = last_verify_cursor(con, target.describe())
@@ -197,17 +195,15 @@ def build(inventory: Lab) -> dg.Definitions:
                                 "Hugging Face cache (scan_cache_dir), identical hashes, loads offline.")
     def restore_drill(context: dg.AssetCheckExecutionContext, lab: LabResource,
                       warehouse: WarehouseResource) -> dg.AssetCheckResult:
-        from idp_pipelines.backup import BackupError, Target
+        from idp_pipelines.backup import Target
         from idp_pipelines.backup.checks import judge_drill
         from idp_pipelines.backup.records import record_restore
         from idp_pipelines.backup.restore import restore_drill as drill
-        from idp_pipelines.backup.snapshot import manifest_of, newest
+        from idp_pipelines.backup.snapshot import manifest_of, newest_or_fail
 
         inv = lab.load()
         target = Target.from_inventory(inv.backup)
-        name = newest(target)
-        if name is None:
-            raise BackupError(f"No complete snapshot on {target.describe()}. Fix: materialise cache_backup first.")
+        name = newest_or_fail(target)
         report = drill(target, name, manifest_of(target, name), rng=random.Random(),
                        workdir=settings.idp_home(), log=context.log.info)
         with warehouse.get(context.log).write() as con:
@@ -218,18 +214,15 @@ def build(inventory: Lab) -> dg.Definitions:
     @dg.op(tags=tags, description="Bring back one model, the whole cache or a state item from a snapshot.")
     def restore_from_backup(context: dg.OpExecutionContext, config: RestoreConfig, lab: LabResource,
                             warehouse: WarehouseResource) -> None:
-        from idp_pipelines.backup import BackupError, Target
+        from idp_pipelines.backup import Target
         from idp_pipelines.backup.records import record_restore
         from idp_pipelines.backup.restore import check_what, restore, restore_plan
-        from idp_pipelines.backup.snapshot import manifest_of, newest
+        from idp_pipelines.backup.snapshot import manifest_of, newest_or_fail
 
         inv = lab.load()
         check_what(config.what, get_args(BackupState))
         target = Target.from_inventory(inv.backup)
-        snap = newest(target) if config.snapshot == "newest" else config.snapshot
-        if snap is None:
-            raise BackupError(f"No complete snapshot on {target.describe()} to restore from. Fix: materialise "
-                              "cache_backup first.")
+        snap = newest_or_fail(target) if config.snapshot == "newest" else config.snapshot
         model = inv.model(config.model) if config.what == "model" and config.model else None
         parts = restore_plan(config.what, snapshot_files=list(manifest_of(target, snap)["files"]),
                              cache=inv.model_cache.path, state_home=settings.idp_home() / "restored", snapshot=snap,

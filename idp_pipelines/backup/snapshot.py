@@ -307,6 +307,14 @@ def newest(target: Target) -> str | None:
     return snaps[-1] if snaps else None
 
 
+def newest_or_fail(target: Target) -> str:
+    """The newest complete snapshot; what to do when there is none yet."""
+    name = newest(target)
+    if name is None:
+        raise BackupError(f"No complete snapshot on {target.describe()}. Fix: materialise cache_backup first.")
+    return name
+
+
 def manifest_of(target: Target, name: str) -> dict:
     raw = target.read_file(f"{name}/{MANIFEST}")
     if raw is None:
