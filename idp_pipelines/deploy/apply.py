@@ -286,6 +286,21 @@ def _logs(c, project: Project) -> str:
     return project.redact(text.strip()) or "(no output)"
 
 
+def _last_exit_code(client, container_id: str) -> int | str:
+    """The exit code of the container's last run. A crash-looping container caught running again has
+    State.ExitCode reset to 0 by its restart, so read it from the engine's last `die` event."""
+    try:
+        events = client.events(since=0, until=int(time.time()) + 1, decode=True,
+                               filters={"container": container_id, "event": "die"})
+        codes = [e.get("Actor", {}).get("Attributes", {}).get("exitCode") for e in events]
+    except Exception:  # noqa: BLE001 - the code is for the message only
+        codes = []
+    codes = [c for c in codes if c is not None]
+    if codes:
+        return int(codes[-1]) if str(codes[-1]).lstrip("-").isdigit() else codes[-1]
+    return (client.containers.get(container_id).attrs.get("State") or {}).get("ExitCode", "unknown")
+
+
 def wait_healthy(client, container_id: str, budget_s: float, poll_s: float = 0.5,
                  log: Callable[[str], None] | None = None) -> tuple[bool, str]:
     """(healthy, why): 'healthy' by its healthcheck, or running when it has none; fails early when unhealthy
@@ -302,7 +317,7 @@ def wait_healthy(client, container_id: str, budget_s: float, poll_s: float = 0.5
             code = (c.attrs.get("State") or {}).get("ExitCode")
             return False, f"exited with code {code}"
         if c.attrs.get("RestartCount"):  # crash-looping under `restart: unless-stopped`: no point waiting
-            code = (c.attrs.get("State") or {}).get("ExitCode")
+            code = _last_exit_code(client, container_id)
             return False, f"exited with code {code} and was restarted {c.attrs['RestartCount']} time(s)"
         if health == "healthy" or (health is None and c.status == "running"):
             return True, health or "running"
