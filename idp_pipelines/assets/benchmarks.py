@@ -16,6 +16,7 @@ from idp_pipelines.markdown import md_table
 from idp_pipelines.resources import LabResource, WarehouseResource
 
 TRIGGER_TAG = "idp/trigger"
+BENCHMARKS_JOB = "benchmarks_job"
 
 
 
@@ -178,7 +179,7 @@ def build(inventory: Lab) -> dg.Definitions:
                                               "path": dg.MetadataValue.path(str(path)),
                                               **{f"claims_{k.replace(' ', '_')}": n for k, n in counts.items()}})
 
-    nightly_job = dg.define_asset_job("benchmarks_job", selection=[benchmark_runs])
+    nightly_job = dg.define_asset_job(BENCHMARKS_JOB, selection=[benchmark_runs])
     rpc_job = dg.define_asset_job("rpc_latency_job", selection=[rpc_latency])
 
     def nightly(name: str, job, keys: list[str], description: str) -> dg.ScheduleDefinition:
@@ -254,6 +255,18 @@ def unbenchmarked_model(instance: dg.DagsterInstance, inv: Lab, endpoint: str):
     return newest if bench is None or newest.storage_id > bench.storage_id else None
 
 
+IN_FLIGHT = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+             dg.DagsterRunStatus.STARTED]
+
+
+def benchmark_in_flight(instance: dg.DagsterInstance, endpoint: str) -> bool:
+    """Whether a run that materialises benchmark_runs[endpoint] is queued or running."""
+    runs = instance.get_runs(dg.RunsFilter(statuses=IN_FLIGHT, tags={"dagster/partition": endpoint}), limit=50)
+    key = dg.AssetKey("benchmark_runs")
+    return any(r.job_name == BENCHMARKS_JOB or (r.asset_selection is not None and key in r.asset_selection)
+               for r in runs)
+
+
 def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, now: float):
     """Benchmark an endpoint when its serving settings changed or its model was re-materialised.
 
@@ -265,7 +278,7 @@ def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, n
     """
     cursor = json.loads(context.cursor) if context.cursor else {}
     debounce = inv.benchmarks.debounce_s
-    requests, waiting = [], []
+    requests, waiting, busy = [], [], []
     for ep in (e for e in inv.endpoints if e.openai_compatible):
         fp = settings_fingerprint(inv, ep.name, deployed_endpoint_settings(context.instance, inv, ep.name))
         entry = cursor.setdefault(ep.name, {"settings": fp})
@@ -282,6 +295,11 @@ def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, n
         if model is not None and model.storage_id != entry.get("model_fired"):
             if now - model.timestamp >= debounce:
                 reasons.append(f"model:{model.storage_id}")
+        if reasons and benchmark_in_flight(context.instance, ep.name):
+            # a queued or running benchmark of this endpoint (by hand, a backfill, the nightly) will measure
+            # the change: a second one now would only queue behind it and measure the same thing again
+            busy.append(ep.name)
+            continue
         if reasons:
             requests.append(dg.RunRequest(partition_key=ep.name, run_key=f"change:{ep.name}:{'+'.join(reasons)}",
                                           tags={TRIGGER_TAG: "sensor", "idp/change": ", ".join(reasons)}))
@@ -294,5 +312,7 @@ def evaluate_benchmark_triggers(context: dg.SensorEvaluationContext, inv: Lab, n
     new_cursor = json.dumps(cursor, sort_keys=True)
     if requests:
         return dg.SensorResult(run_requests=requests, cursor=new_cursor)
-    reason = f"waiting {debounce} s for changes to settle: {', '.join(waiting)}" if waiting else "no endpoint changed"
+    reason = "; ".join(
+        ([f"waiting {debounce} s for changes to settle: {', '.join(waiting)}"] if waiting else [])
+        + ([f"a benchmark is already queued or running for: {', '.join(busy)}"] if busy else [])) or "no endpoint changed"
     return dg.SensorResult(skip_reason=dg.SkipReason(reason), cursor=new_cursor)

@@ -196,6 +196,27 @@ def test_change_sensor_debounces_settings_edits_and_model_updates(tmp_path):
     assert _tick(lab_file, model_run.cursor, time.time() + 100, instance).run_requests == []
 
 
+def test_change_sensor_waits_while_a_benchmark_of_the_endpoint_is_queued_or_running(tmp_path):
+    """A model downloaded while a benchmark of its endpoint is already queued (by hand, a backfill, the
+    nightly) is measured by that run: the sensor adds no second one behind it."""
+    from idp_pipelines.definitions import build_defs
+
+    instance = dg.DagsterInstance.ephemeral()
+    lab_file = _lab(tmp_path, "http://127.0.0.1:9")
+    first = _tick(lab_file, None, time.time(), instance)
+    instance.report_runless_asset_event(dg.AssetMaterialization("gguf_model", partition="tiny-llama"))
+    job = build_defs(load_lab(lab_file)).resolve_job_def("benchmarks_job")
+    queued = instance.create_run_for_job(job, tags={"dagster/partition": EP})  # NOT_STARTED: launched, not yet running
+    later = time.time() + 60  # past the 30 s debounce
+    busy = _tick(lab_file, first.cursor, later, instance)
+    assert busy.run_requests == []
+    assert busy.skip_reason.skip_message == f"a benchmark is already queued or running for: {EP}"
+    # once that run is over (here: without measuring), the unmeasured model is benchmarked
+    instance.report_run_canceled(queued)
+    fired = _tick(lab_file, busy.cursor, later + 1, instance)
+    assert [r.partition_key for r in fired.run_requests] == [EP] and "model:" in fired.run_requests[0].tags["idp/change"]
+
+
 def test_cli_benchmarks_an_endpoint_with_a_table(tmp_path, llama_base_url, capsys, monkeypatch):
     lab_file = _lab(tmp_path, llama_base_url)
     assert idp(["bench", EP, "--concurrency", "1,2", "--requests", "3", "--max-tokens", "4",
