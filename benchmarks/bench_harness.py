@@ -144,7 +144,8 @@ def _startup(rounds: int = 3) -> tuple[float, float]:
             synthetic_server_subprocess(SyntheticConfig(ttft_s=0.001, itl_s=0.0005)) as (_p, url):
         lab = write_lab(Path(tmp) / "lab.yaml", endpoint_url=url)
         data = yaml.safe_load(lab.read_text())
-        data["endpoints"][0]["kind"] = "vllm"
+        data["endpoints"][0]["kind"] = "vllm"  # the synthetic server speaks vLLM's wire: no llama-server flags
+        data["endpoints"][0].pop("llamacpp", None)
         lab.write_text(yaml.safe_dump(data))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env.update(IDP_HOME=f"{tmp}/home", PYTHONPATH=str(Path(__file__).resolve().parent.parent),
