@@ -16,6 +16,7 @@ kept) and only the rename makes a snapshot complete, so a complete snapshot is n
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from idp_pipelines.backup.errors import BackupError
 from idp_pipelines.backup.retention import plan_retention
+from idp_pipelines.backup.seed import seed
 from idp_pipelines.backup.target import (
     DELETING_SUFFIX, MANIFEST, PARTIAL_SUFFIX, SNAPSHOT_RE, Entry, Target, ensure_tools,
 )
@@ -43,8 +45,9 @@ EXCLUDES = ["- .*.tmp", "- *.idp-tmp", "- *.incomplete",
 CONTENT_FIRST = ["+ /*/", "+ /*/blobs/***", "+ /blobs/***", "+ /gguf/***", "- *"]
 # ... and the second leaves the content alone, so no file is scanned twice (and --delete spares it).
 CONTENT_DONE = ["- /*/blobs/", "- /blobs/", "- /gguf/"]
-# rsync --itemize-changes: one line per created, updated or deleted entry
+# rsync --itemize-changes: one line per created, updated or deleted entry; ">f" is a file it would send
 _ITEM = re.compile(rb"^(\*deleting|[<>ch.][fdLDS][.+a-zA-Z?]{9})\s")
+_ESCAPE = re.compile(rb"\\#([0-7]{3})")  # rsync writes an unprintable byte of a name as \#ooo
 
 _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+(\d+:\d\d:\d\d)")
 _STATS = {
@@ -64,6 +67,7 @@ class RsyncStats:
     total_bytes: int = 0
     bytes_sent: int = 0
     changes: int = 0  # itemized entries (with --itemize-changes)
+    to_send: list[str] = field(default_factory=list)  # regular files a dry run would send, relative paths
 
     def add(self, other: RsyncStats) -> None:
         for k in ("files_sent", "bytes_sent"):
@@ -88,6 +92,7 @@ class SnapshotResult:
     deleted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     unchanged: bool = False  # nothing changed since `name`, which stays the newest snapshot
+    kernel_copied: int = 0  # of files_sent, those the kernel copied before rsync ran (backup/seed.py)
 
     @property
     def mb_per_s(self) -> float:
@@ -135,6 +140,7 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
             raise BackupError("setpriv (util-linux) not found. Fix: apt-get install util-linux.") from None
         tail = bytearray()
         items = 0
+        sent: list[str] = []
         buf = b""
         while chunk := proc.stdout.read1(65536):
             buf += chunk
@@ -148,6 +154,8 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
                                           f"{m[4].decode()} elapsed")
                 elif _ITEM.match(line):
                     items += 1
+                    if line.startswith(b">f"):
+                        sent.append(os.fsdecode(_ESCAPE.sub(lambda e: bytes([int(e[1], 8)]), line[12:])))
                 elif not m:
                     tail += line + b"\n"
         tail += buf
@@ -158,7 +166,7 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
     # 24: files vanished while rsync ran (a download finished, a temp file renamed): the rest is complete
     if code not in (0, 24):
         raise BackupError(f"rsync {label} failed (exit {code}): {stderr[-2000:] or text[-2000:]}")
-    stats = RsyncStats(changes=items)
+    stats = RsyncStats(changes=items, to_send=sent)
     for key, rx in _STATS.items():
         if m := rx.search(text):
             setattr(stats, key, int(m[1].replace(",", "")))
@@ -218,12 +226,14 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     # One dry run against the newest snapshot says what must be copied (for the free-space check) and
     # whether anything changed at all: if nothing did, the newest snapshot already is today's.
     to_copy: dict[str, int] = {}
+    to_send: dict[str, list[str]] = {}
     changes = 0
     for label, src, dest, ld in jobs:
         against = f"{previous}/{label}/" if previous and resumed is None else dest
         dry = run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True, dry_run=True)
                         + [src, target.remote(against)], label=f"{label} (dry run)")
         to_copy[label] = dry.bytes_sent
+        to_send[label] = dry.to_send
         changes += dry.changes
     if previous and resumed is None and changes == 0:
         log(f"nothing changed since snapshot {previous}: it stays the newest (no new snapshot made)")
@@ -240,17 +250,31 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         + (f", unchanged files linked to {previous}" if previous else " (the first snapshot: a full copy)"))
     target.sh('mkdir -p "$1/cache" "$1/state"', target.join(partial), what="creating the snapshot folder")
 
+    # A folder here without a bandwidth limit: the kernel copies the new files first (backup/seed.py), rsync
+    # then finds them up to date. Only against a dry run that compared with the newest complete snapshot:
+    # continuing a .partial, the dry run did not see which files rsync will hard-link instead.
+    kernel_copy = not target.is_ssh and not target.bwlimit_kib_s and resumed is None
     stats = RsyncStats()
+    kernel_copied = 0
     for label, src, dest, ld in jobs:
         # progress over the whole job (both passes of the cache), against what the dry run said to copy
-        total, base = to_copy[label], stats.bytes_sent
+        total, base = to_copy[label], 0
 
-        def report(done: int, _total: int, message: str, total=total, base=base) -> None:
+        def report(done: int, _total: int, message: str, total=total) -> None:
             if progress is not None:
                 progress(min(base + done, total), total, message)
 
         passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
             if label == "cache" else [(label, EXCLUDES)]
+        if kernel_copy and to_send[label]:
+            seeded = seed(Path(src), Path(target.join(dest)), to_send[label], total_bytes=total, progress=report,
+                          label=f"{label}: copying")
+            stats.files_sent += seeded.files
+            kernel_copied += seeded.files
+            stats.bytes_sent += seeded.bytes
+            base += seeded.bytes
+            if not seeded.left:  # every new file is in place: no symlink can point at a missing one
+                passes = [(label, EXCLUDES)]
         for i, (what, filters) in enumerate(passes):
             # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
             # each pass spares the other's half, which its filters exclude
@@ -285,7 +309,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         own_bytes=sum(e.size for e in files if e.links == 1), apparent_bytes=sum(e.size for e in files),
         free_before=free, needed=needed, state=sorted(p.name for p in state_dir.iterdir() if p.is_dir())
         if state_dir is not None and state_dir.is_dir() else [],
-        deleted=delete, kept=keep)
+        deleted=delete, kept=keep, kernel_copied=kernel_copied)
 
 
 def _unchanged(target: Target, name: str, complete: list[str], keep_daily: int, keep_weekly: int, seconds: float,

@@ -46,6 +46,8 @@ def test_first_snapshot_is_the_cache_with_links_kept_and_work_files_left_out(cac
     assert coverage(cache_content(cache.path), snapshot_files(target, result.name)) == []
     assert result.files_sent == len([r for r in got if got[r][0] == "f"]) and result.own_bytes == result.apparent_bytes
     assert result.bytes_sent == result.apparent_bytes and not list(Path(target.path).glob("*.partial"))
+    # a folder on this host: the kernel copied the bytes (backup/seed.py), rsync found them up to date
+    assert result.kernel_copied == result.files_sent
 
 
 def test_a_second_snapshot_links_unchanged_files_and_copies_only_what_is_new(hub, cache, target, tmp_path):
@@ -54,7 +56,7 @@ def test_a_second_snapshot_links_unchanged_files_and_copies_only_what_is_new(hub
     new.write_bytes(os.urandom(50_000))
     second = _snap(cache, target, tmp_path, now=datetime(2026, 11, 2, 4, tzinfo=timezone.utc))
     assert target.snapshots() == [first.name, second.name] and second.previous == first.name
-    assert second.files_sent == 1 and second.bytes_sent == 50_000
+    assert second.files_sent == 1 and second.bytes_sent == 50_000 and second.kernel_copied == 1
     assert second.own_bytes == 50_000 and second.apparent_bytes == first.apparent_bytes + 50_000
     a, b = (Path(target.path) / n / "cache" / cache.blob_lfs for n in (first.name, second.name))
     assert a.stat().st_ino == b.stat().st_ino  # a hard link: the unchanged blob costs an inode, not bytes
@@ -134,6 +136,50 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
     for rel, info in src.items():
         if not rel.endswith((".tmp", ".lock")):
             assert got.get(rel) == info, rel  # nothing lost, nothing half-written
+
+
+_KILL_WHILE_COPYING = """
+import os, signal, sys
+from pathlib import Path
+from idp_pipelines.backup import Target
+from idp_pipelines.backup.snapshot import make_snapshot
+
+def progress(done, total, message):
+    if "copying" in message:  # the first file is in place, the other worker is writing the next one
+        os.kill(os.getpid(), signal.SIGKILL)
+
+make_snapshot(Path(sys.argv[1]), Target(sys.argv[2]), lock_path=Path(sys.argv[3]), progress=progress)
+"""
+
+
+def test_sigkill_while_the_kernel_copies_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_path):
+    cache = make_cache(hub, tmp_path, weights=400_000, sparse_bytes=1024 * 1024)
+    extra = cache.path / "gguf" / "tiny" / "many"
+    extra.mkdir()
+    for i in range(24):
+        (extra / f"part-{i:02}.gguf").write_bytes(os.urandom(1024 * 1024))
+    target_dir = tmp_path / "nas"
+    proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_COPYING, str(cache.path), str(target_dir),
+                           str(tmp_path / "backup.lock")], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+                          capture_output=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    (partial,) = [p.name for p in target_dir.iterdir()]
+    assert partial.endswith(".partial") and Target(str(target_dir)).snapshots() == []
+    copied = [p for p in (target_dir / partial / "cache").rglob("*") if p.is_file()]
+    assert copied, "the killed run copied nothing"
+    # what a kill in the middle of a file leaves: that file cut short, under its own name, with today's time
+    cut = max(copied, key=lambda p: p.stat().st_size)
+    os.truncate(cut, cut.stat().st_size // 2)
+    os.utime(cut)
+
+    target = Target(str(target_dir))
+    result = make_snapshot(cache.path, target, lock_path=tmp_path / "backup.lock")
+    assert result.resumed == partial and result.kernel_copied == 0  # continuing a partial: rsync alone
+    assert [p.name for p in target_dir.iterdir()] == [result.name]  # one complete snapshot, no partial
+    src, got = tree(cache.path), tree(target_dir / result.name / "cache")
+    for rel, info in src.items():
+        if not rel.endswith((".tmp", ".lock")):
+            assert got.get(rel) == info, rel  # nothing lost, nothing half-written, the cut file copied again
 
 
 @pytest.fixture
