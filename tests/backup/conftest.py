@@ -1,15 +1,20 @@
 """A model cache made the way the lab makes one (the local Hub server through huggingface_hub), plus GGUF
-outputs with their hashes in a real DuckDB warehouse, a large sparse file and random blobs."""
+outputs with their hashes in a real DuckDB warehouse, a large sparse file and random blobs; a real exFAT
+volume as a target that keeps no links."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import random
+import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+import psutil
 import pytest
 
 from idp_pipelines.backup import Target
@@ -120,3 +125,53 @@ def sshd(tmp_path):
     """Debian's openssh-server on 127.0.0.1 (a free port), its own config, a throwaway host key and client key."""
     with sshd_server(tmp_path / "sshd") as server:
         yield SshTarget(server)
+
+
+def _run(argv: list[str], what: str) -> str:
+    """Run a setup command of the exFAT volume; a clear failure (never a skip) when it cannot."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    except FileNotFoundError:
+        pytest.fail(f"{what}: {argv[0]} not found. Fix: apt-get install exfat-fuse exfatprogs "
+                    "(make install does: APT_PACKAGES).")
+    if proc.returncode != 0:
+        pytest.fail(f"{what}: {' '.join(argv)} failed (exit {proc.returncode}): "
+                    f"{(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def _running(proc: psutil.Process) -> bool:
+    try:
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.fixture
+def exfat(tmp_path) -> Iterator[Path]:
+    """A 32 MB exFAT volume (mkfs.exfat, mounted by exfat-fuse): a USB disk or an SD card as the backup
+    target, which keeps neither hard links nor symlinks. Unmounted, its FUSE process gone, at teardown."""
+    image, mnt = tmp_path / "exfat.img", tmp_path / "exfat"
+    mnt.mkdir()
+    with image.open("wb") as f:
+        f.truncate(32 * 1024 * 1024)
+    _run(["mkfs.exfat", str(image)], "formatting the exFAT image")
+    # as root exfat-fuse mounts with `blkdev`: a plain file is refused ("Block device required")
+    dev = _run(["losetup", "--find", "--show", str(image)], "attaching the exFAT image to a loop device").strip()
+    try:
+        _run(["mount.exfat-fuse", dev, str(mnt)], f"mounting {dev} on {mnt}")
+        daemons = [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or [])[-2:] == [dev, str(mnt)]]
+        try:
+            assert os.path.ismount(mnt) and daemons, f"mount.exfat-fuse exited 0 but {mnt} is not its mount"
+            yield mnt
+        finally:
+            proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+            if proc.returncode != 0:
+                subprocess.run(["umount", "--lazy", str(mnt)])
+                pytest.fail(f"umount {mnt} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+            deadline = time.monotonic() + 30  # it exits at once; a zombie is gone (init reaps it later)
+            while (alive := [p for p in daemons if _running(p)]) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not alive, f"exfat-fuse {[p.pid for p in alive]} still running after umount {mnt}"
+    finally:
+        subprocess.run(["losetup", "--detach", dev])

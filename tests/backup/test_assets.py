@@ -3,11 +3,13 @@ the drill, the new-artefact sensor and the freshness check (ephemeral instance, 
 
 from __future__ import annotations
 
+import os
 import time
 
 import dagster as dg
 import duckdb
 import pytest
+import yaml
 
 from idp_pipelines.assets import backup, models
 from idp_pipelines.assets.backup import BACKUP_COVERAGE, BACKUP_INTACT, RESTORE_DRILL, evaluate_backup_trigger
@@ -109,6 +111,23 @@ def test_a_damaged_target_fails_backup_intact_naming_the_model(lab, tmp_path):
     check = _checks(result)[BACKUP_INTACT]
     assert not check.passed and f"blobs/{blob.name}: missing" in check.description
     assert "used by tiny-llama" in check.description
+
+
+def test_an_exfat_target_fails_cache_backup_with_the_reason(lab, exfat):
+    """The run fails on a USB disk (exFAT) saying why and what to do, and leaves nothing on it."""
+    path, defs, instance = lab
+    data = yaml.safe_load(path.read_text())
+    data["backup"]["target"] = str(exfat / "nas")
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    dg.materialize([_asset(defs, "hub_model")], partition_key="tiny-llama", instance=instance,
+                   resources=defs.resources)
+    result = dg.materialize([_asset(defs, "cache_backup")], instance=instance, resources=defs.resources,
+                            raise_on_error=False)
+    assert not result.success
+    error = str(result.failure_data_for_node("cache_backup").error)
+    assert f"The backup target {exfat / 'nas'} cannot make a hard link: every snapshot there would be a full " in error
+    assert "Fix: point backup.target at a Linux filesystem" in error
+    assert os.listdir(exfat / "nas") == []
 
 
 def test_new_artefacts_start_one_debounced_backup(lab, tmp_path):
