@@ -45,6 +45,12 @@ EXCLUDES = ["- .*.tmp", "- *.idp-tmp", "- *.incomplete",
 CONTENT_FIRST = ["+ /*/", "+ /*/blobs/***", "+ /blobs/***", "+ /gguf/***", "- *"]
 # ... and the second leaves the content alone, so no file is scanned twice (and --delete spares it).
 CONTENT_DONE = ["- /*/blobs/", "- /blobs/", "- /gguf/"]
+
+
+def is_content(rel: str) -> bool:
+    """A path CONTENT_FIRST includes: `<repo>/blobs/...`, `blobs/...` or `gguf/...`."""
+    parts = rel.split("/")
+    return parts[0] in ("blobs", "gguf") or (len(parts) > 2 and parts[1] == "blobs")
 # rsync --itemize-changes: one line per created, updated or deleted entry; ">f" is a file it would send
 _ITEM = re.compile(rb"^(\*deleting|[<>ch.][fdLDS][.+a-zA-Z?]{9})\s")
 _ESCAPE = re.compile(rb"\\#([0-7]{3})")  # rsync writes an unprintable byte of a name as \#ooo
@@ -266,14 +272,15 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
 
         passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
             if label == "cache" else [(label, EXCLUDES)]
-        if kernel_copy and to_send[label]:
-            seeded = seed(Path(src), Path(target.join(dest)), to_send[label], total_bytes=total, progress=report,
+        content = [p for p in to_send[label] if is_content(p)] if label == "cache" else []
+        if kernel_copy and content:
+            seeded = seed(Path(src), Path(target.join(dest)), content, total_bytes=total, progress=report,
                           label=f"{label}: copying")
             stats.files_sent += seeded.files
             kernel_copied += seeded.files
             stats.bytes_sent += seeded.bytes
             base += seeded.bytes
-            if not seeded.left:  # every new file is in place: no symlink can point at a missing one
+            if not seeded.left:  # all new content is in place: no symlink can point at a missing blob
                 passes = [(label, EXCLUDES)]
         for i, (what, filters) in enumerate(passes):
             # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);

@@ -132,11 +132,13 @@ class Target:
         """Refuse a target that does not keep hard links and symlinks (SMB, exFAT): each snapshot there
         would be a full copy, and the snapshots' symlinks would be lost."""
         out = self.sh(
-            'set -e; d="$1/.idp-linkcheck.$$"; rm -rf "$d"; mkdir -p "$d"; echo x > "$d/a"\n'
+            # the probe folder goes also when a step fails (a full or read-only target) or the run is stopped
+            'set -e; d="$1/.idp-linkcheck.$$"; trap \'rm -rf "$d"\' EXIT HUP INT TERM\n'
+            'rm -rf "$d"; mkdir -p "$d"; echo x > "$d/a"\n'
             'if ! ln "$d/a" "$d/b" 2>/dev/null; then echo "no-hardlink"; '
             'elif [ "$(stat -c %h "$d/a")" != 2 ]; then echo "no-hardlink-count"; '
             'elif ! ln -s a "$d/c" 2>/dev/null || [ ! -L "$d/c" ]; then echo "no-symlink"; '
-            'else echo ok; fi\nrm -rf "$d"', self.path, what="checking hard links and symlinks")
+            'else echo ok; fi', self.path, what="checking hard links and symlinks")
         verdict = out.decode().strip()
         reasons = {
             "no-hardlink": "cannot make a hard link",
