@@ -81,6 +81,84 @@ def _step(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: in
     return step, s, ideal, server_cpu, stamps
 
 
+async def _lean_step(url: str, tokens: int, concurrency: int, rounds: int) -> tuple[list[float], int, float]:
+    """The floor: a minimal asyncio client (one keep-alive connection per worker, raw HTTP/1.1, no
+    parsing beyond finding the first token and the last chunk) against the same server, same load.
+    What it loses to the ideal is lost by the server, the kernel and a Python client at all, not by
+    the harness. Returns (TTFTs in ms, tokens, seconds from the first send to the last end)."""
+    import asyncio
+
+    port = int(url.rsplit(":", 1)[1])
+    ttfts: list[float] = []
+    counted = 0
+    starts: list[float] = []
+    ends: list[float] = []
+
+    barrier = asyncio.Barrier(concurrency)
+
+    async def request(reader, writer, text: str) -> tuple[float, float, float, int]:
+        body = json.dumps({"model": "synthetic", "stream": True, "max_tokens": tokens, "ignore_eos": True,
+                           "messages": [{"role": "user", "content": text}]}).encode()
+        t = time.perf_counter()
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        await reader.readuntil(b"\r\n\r\n")
+        first, got, buf = None, 0, b""
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection mid-stream")
+            buf += data
+            done = buf.endswith(b"\r\n0\r\n\r\n")  # the last chunk of the chunked body
+            k = buf.rfind(b"\n") + 1  # count tokens in whole events only
+            c = buf.count(b'"content":" tok', 0, k)
+            if c and first is None:
+                first = time.perf_counter()
+            got, buf = got + c, buf[k:]
+            if done:
+                return t, first, time.perf_counter(), got
+
+    async def worker(w: int) -> None:
+        nonlocal counted
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            await request(reader, writer, f"lean warm-up {w}")  # as the harness's warm-up: one per worker
+            await barrier.wait()
+            for i in range(rounds):
+                t, first, end, got = await request(reader, writer, f"lean {w} {i}")
+                starts.append(t)
+                ends.append(end)
+                ttfts.append((first - t) * 1000)
+                counted += got
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return ttfts, counted, max(ends) - min(starts)
+
+
+def _lean(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: int) -> tuple[float, float, float]:
+    """(TTFT p50, TTFT p95, fraction of ideal throughput) of the minimal client on this machine now."""
+    config = SyntheticConfig(ttft_s=ttft_s, itl_s=itl_s)
+    with synthetic_server_subprocess(config) as (_proc, url):
+        try:
+            import uvloop
+
+            ttfts, counted, seconds = uvloop.run(_lean_step(url, tokens, concurrency, rounds))
+        except ImportError:
+            import asyncio
+
+            ttfts, counted, seconds = asyncio.run(_lean_step(url, tokens, concurrency, rounds))
+    q = statistics.quantiles(ttfts, n=100)
+    return q[49], q[94], counted / seconds / (concurrency * tokens / (ttft_s + (tokens - 1) * itl_s))
+
+
+def _print_lean(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: int) -> None:
+    p50, p95, frac = _lean(ttft_s, itl_s, tokens, concurrency, rounds)
+    print(f"  the floor, a minimal asyncio client (same server, same load, run right after): TTFT p50 {p50:.2f} ms, "
+          f"p95 {p95:.2f} ms, throughput {frac:.1%} of ideal")
+
+
 def _goal(label: str, value: str, goal: str, met: bool) -> bool:
     print(f"  {label:<34} {value:<34} goal {goal:<16} {'MET' if met else 'NOT MET'}")
     return met
@@ -144,8 +222,11 @@ def _startup(rounds: int = 3) -> tuple[float, float]:
             synthetic_server_subprocess(SyntheticConfig(ttft_s=0.001, itl_s=0.0005)) as (_p, url):
         lab = write_lab(Path(tmp) / "lab.yaml", endpoint_url=url)
         data = yaml.safe_load(lab.read_text())
-        data["endpoints"][0]["kind"] = "vllm"  # the synthetic server speaks vLLM's wire: no llama-server flags
-        data["endpoints"][0].pop("llamacpp", None)
+        # the synthetic server speaks vLLM's wire: no llama-server flags, no llama.cpp service deployed for it
+        ep = data["endpoints"][0]
+        ep["kind"] = "vllm"
+        ep.pop("llamacpp", None)
+        data["services"] = [sv for sv in data.get("services", []) if sv.get("endpoint") != ep["name"]]
         lab.write_text(yaml.safe_dump(data))
         env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
         env.update(IDP_HOME=f"{tmp}/home", PYTHONPATH=str(Path(__file__).resolve().parent.parent),
@@ -184,6 +265,7 @@ def main() -> int:
     print(f"  errors {s['n_errors']}/{s['n_requests']}, TPOT p50 {s['tpot_ms_p50']:.3f} ms, "
           f"resends {s['retries']}; during the step {step.host_load.describe()}")
     _tail_apart(step, stamps, 0.050)
+    _print_lean(0.050, 0.010, 64, 64, args.rounds)
     tokens_a = s["output_tokens"]
     cpu_us = step.client_cpu_s / tokens_a * 1e6 if tokens_a else float("nan")
 
@@ -199,6 +281,7 @@ def main() -> int:
     print(f"  TTFT p50 {sb['ttft_ms_p50']:.2f} ms, p95 {sb['ttft_ms_p95'] or float('nan'):.2f} ms vs 20 ms truth, "
           f"errors {sb['n_errors']}; during the step {step_b.host_load.describe()}")
     _tail_apart(step_b, stamps_b, 0.020)
+    _print_lean(0.020, 0.002, 64, 32, args.rounds * 2)
 
     print("(c) CPU per streamed token in scenario (a), client and server in separate processes")
     results.append(_goal("client CPU per token", f"{cpu_us:.1f} us ({tokens_a} tokens)", "< 40 us", cpu_us < 40))
