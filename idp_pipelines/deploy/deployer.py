@@ -20,7 +20,9 @@ from . import DeployError, host_dir
 from .apply import Action, ApplyReport, ContainerState, Project, apply, load_project, observe, plan, render_plan
 from .compose import COMPOSE_FILE
 from .gateway import SITE_FILE
-from .lxc import GRAFANA_PORT, lxc_kinds, place, reload_grafana, reload_prometheus, site_link, validate_command
+from .lxc import (
+    GRAFANA_PORT, key_groups, lxc_kinds, place, reload_grafana, reload_prometheus, site_link, validate_command,
+)
 from .push import FileChange, FileState, LocalDir, SshDir, plan_files, push, rendered_files
 from .ssh import ssh_for
 
@@ -75,6 +77,7 @@ class FileGroup:
     target: object
     files: dict[str, tuple[bytes, int]]
     changes: list[FileChange]
+    key_group: str | None = None  # key files (mode 0640) go to this group
 
 
 def deploy_hosts(lab: Lab) -> list[str]:
@@ -135,8 +138,9 @@ def make_plan(lab: Lab, host: str, client, home: Path | None = None
     if kinds:
         target_for(lab, host)  # a host without config_dir fails here, with the fix
         config_dir = lab.host(host).config_dir
-        groups = [FileGroup(t, fs, []) for t, fs in
-                  ((_target(lab, host, folder), fs) for folder, fs in place(files, kinds, config_dir).items())]
+        key_group = key_groups(kinds, config_dir)
+        groups = [FileGroup(_target(lab, host, folder), fs, [], key_group.get(folder))
+                  for folder, fs in place(files, kinds, config_dir).items()]
     else:
         groups = [FileGroup(target_for(lab, host), files, [])]
     shown = []
@@ -187,7 +191,7 @@ def deploy_host(lab: Lab, host: str, *, dry_run: bool = False, home: Path | None
         previous = {(i, ch.rel): g.target.read(ch.rel) for i, g in enumerate(groups) for ch in g.changes
                     if ch.changes}
         for g in groups:
-            for rel in push(g.files, g.target, g.changes):
+            for rel in push(g.files, g.target, g.changes, key_group=g.key_group):
                 result.pushed.append(f"{g.target}/{rel}")
                 log(f"{host}: wrote {rel} to {g.target}")
         if lxc_kinds(lab, host):
@@ -220,7 +224,7 @@ def _validate_and_reload(lab: Lab, host: str, groups: list[FileGroup], previous:
         if code != 0:
             for (i, rel), old in previous.items():
                 t = groups[i].target
-                t.remove(rel) if old is None else t.write(rel, old, groups[i].files[rel][1])
+                t.remove(rel) if old is None else t.write(rel, old, groups[i].files[rel][1], groups[i].key_group)
             raise DeployError(f"{host}: `{cmd}` failed on the host after the push, so every file this run wrote was "
                               f"put back as it was (the {kind} service keeps running its previous config):\n"
                               f"{out[-2000:]}")

@@ -18,6 +18,7 @@ from idp_pipelines.lab import Lab
 
 from . import DeployError
 from .monitoring import DASHBOARD_DIR
+from .push import KEY_MODE
 
 GRAFANA_PORT = 3000  # Grafana's default http_port; the reload goes to the host's address on it
 
@@ -27,6 +28,11 @@ class Placement:
     prefix: str        # a rendered path prefix ("nginx/") or one rendered file ("prometheus/default")
     remote_dir: str    # the folder it goes to on the host
     rename: str | None = None  # for a single file: its name there
+    # the group of the service that reads the folder's key files: they go there 0640 to that group, not
+    # 0600 root (Debian's prometheus runs as user prometheus and could not read its scrape credentials)
+    key_group: str | None = None
+
+
 
 
 def lxc_kinds(lab: Lab, host: str) -> list[str]:
@@ -49,7 +55,7 @@ def placements(kind: str, config_dir: str) -> list[Placement]:
         return [Placement("nginx/", config_dir)]
     if kind == "prometheus":
         return [Placement("prometheus/default", posixpath.join(etc, "default"), "prometheus"),
-                Placement("prometheus/", config_dir)]
+                Placement("prometheus/", config_dir, key_group="prometheus")]
     if kind == "grafana":
         return [Placement("grafana/provisioning/", config_dir), Placement("grafana/dashboards/", DASHBOARD_DIR)]
     raise DeployError(f"no placement for a {kind} service")
@@ -62,13 +68,18 @@ def place(rendered: dict[str, tuple[bytes, int]], kinds: list[str], config_dir: 
     taken: set[str] = set()
     for kind in kinds:
         for p in placements(kind, config_dir):
-            for rel, item in rendered.items():
+            for rel, (data, mode) in rendered.items():
                 if rel in taken or not rel.startswith(p.prefix):
                     continue
                 name = p.rename if p.rename else rel.removeprefix(p.prefix)
-                out.setdefault(p.remote_dir, {})[name] = item
+                out.setdefault(p.remote_dir, {})[name] = (data, KEY_MODE if p.key_group and mode == 0o600 else mode)
                 taken.add(rel)
     return out
+
+
+def key_groups(kinds: list[str], config_dir: str) -> dict[str, str]:
+    """{remote folder: the group its key files are readable by} for the host's services."""
+    return {p.remote_dir: p.key_group for kind in kinds for p in placements(kind, config_dir) if p.key_group}
 
 
 def site_link(config_dir: str, site: str) -> tuple[str, str]:

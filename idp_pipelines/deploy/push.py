@@ -1,8 +1,10 @@
 """Push a host's rendered files to its config_dir: a local folder (embedded lab) or over SSH.
 
 Every write is atomic (a temp file in the same folder, renamed); secret files (`.env`, key files: the
-rendered mode 0600) are written under `umask 077` and chmod 0600 before the rename, so they never exist
-readable by others on the far side. The plan's diffs never show a secret's value.
+rendered mode 0600) are written under `umask 077` and get their mode before the rename, so they never exist
+readable by others on the far side. A key file a service reads as its own user (Prometheus' scrape
+credentials on an LXC host) is 0640 and in that service's group (`key_group`), set before the rename too.
+The plan's diffs never show a secret's value.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from . import DeployError
 from .ssh import SshConn
 
 TMP_SUFFIX = ".idp-tmp"
+KEY_MODE = 0o640  # a key file its service's group reads (lxc.Placement.key_group)
+SECRET_MODES = (0o600, KEY_MODE)
 
 
 @dataclass(frozen=True)
@@ -54,8 +58,32 @@ class LocalDir:
         except FileNotFoundError:
             return None
 
-    def write(self, rel: str, data: bytes, mode: int) -> None:
-        atomic_write(self.root / rel, data, mode=mode)
+    def write(self, rel: str, data: bytes, mode: int, key_group: str | None = None) -> None:
+        if mode != KEY_MODE or key_group is None:
+            atomic_write(self.root / rel, data, mode=mode)
+            return
+        import grp
+
+        try:
+            gid = grp.getgrnam(key_group).gr_gid
+        except KeyError:
+            raise DeployError(f"{rel} is for the {key_group} service, but this host has no group {key_group!r}. "
+                              f"Fix: install the service's package (apt-get install {key_group}) first.") from None
+        path = self.root / rel
+        tmp = path.with_name(path.name + TMP_SUFFIX)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchown(f.fileno(), -1, gid)
+                os.fchmod(f.fileno(), KEY_MODE)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def remove(self, rel: str) -> None:
         (self.root / rel).unlink(missing_ok=True)
@@ -100,12 +128,14 @@ class SshDir:
         proc = self.conn.run(f"test -f {path} && cat {path}", check=False)
         return proc.stdout if proc.returncode == 0 else None
 
-    def write(self, rel: str, data: bytes, mode: int) -> None:
+    def write(self, rel: str, data: bytes, mode: int, key_group: str | None = None) -> None:
         path = f"{self.root}/{rel}"
         q = shlex.quote(path)
+        group = f"chgrp {shlex.quote(key_group)} \"$t\"; " if mode == KEY_MODE and key_group else ""
         # the folder as a service user can read it (Grafana's dashboards folder); only the file is private
         self.conn.run(f"set -e; mkdir -p -m 0755 {shlex.quote(os.path.dirname(path))}; umask 077; "
-                      f"t={q}.$${TMP_SUFFIX}; cat > \"$t\"; chmod {mode:o} \"$t\"; mv -f \"$t\" {q}", stdin=data)
+                      f"t={q}.$${TMP_SUFFIX}; trap 'rm -f \"$t\"' EXIT; cat > \"$t\"; {group}chmod {mode:o} \"$t\"; "
+                      f"mv -f \"$t\" {q}; trap - EXIT", stdin=data)
 
     def remove(self, rel: str) -> None:
         self.conn.run(f"rm -f {shlex.quote(f'{self.root}/{rel}')}")
@@ -146,7 +176,7 @@ def rendered_files(root: Path, secrets: list[str]) -> dict[str, tuple[bytes, int
 
 
 def is_secret(rel: str, mode: int) -> bool:
-    return Path(rel).name == ".env" or mode == 0o600
+    return Path(rel).name == ".env" or mode in SECRET_MODES
 
 
 def _secret_diff(rel: str, old: bytes | None, new: bytes) -> str:
@@ -187,15 +217,17 @@ def plan_files(rendered: dict[str, tuple[bytes, int]], target, label: str) -> li
     return out
 
 
-def push(rendered: dict[str, tuple[bytes, int]], target, changes: list[FileChange]) -> list[str]:
-    """Write the files the plan says differ; returns their paths relative to config_dir."""
+def push(rendered: dict[str, tuple[bytes, int]], target, changes: list[FileChange],
+         key_group: str | None = None) -> list[str]:
+    """Write the files the plan says differ; returns their paths relative to config_dir. Key files (mode
+    0640) go to `key_group`."""
     done = []
     for ch in changes:
         if not ch.changes:
             continue
         data, mode = rendered[ch.rel]
         try:
-            target.write(ch.rel, data, 0o600 if ch.secret else mode)
+            target.write(ch.rel, data, (mode if mode in SECRET_MODES else 0o600) if ch.secret else mode, key_group)
         except OSError as exc:
             raise DeployError(f"cannot write {ch.rel} to {target}: {exc}. Fix: check config_dir exists and is "
                               f"writable by the deploying user.") from None

@@ -5,6 +5,7 @@ reload against a stand-in that checks the admin credentials."""
 from __future__ import annotations
 
 import base64
+import grp
 import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,7 +16,7 @@ import pytest
 from idp_pipelines.deploy import DeployError, host_dir
 from idp_pipelines.deploy.deployer import deploy_host
 from idp_pipelines.deploy.keys import ensure_keys, host_keys
-from idp_pipelines.deploy.lxc import place, reload_grafana, site_link
+from idp_pipelines.deploy.lxc import key_groups, place, reload_grafana, site_link
 from idp_pipelines.deploy.monitoring import render_monitoring
 from idp_pipelines.deploy.render import write_monitoring
 from idp_pipelines.processes import free_port, stop_process_group, wait_http
@@ -63,7 +64,16 @@ def test_prometheus_host_pushed_checked_reloaded_and_a_broken_file_put_back(tmp_
         assert "scrape_interval: 17s" in config                         # the rendered file is what runs
         key = host_keys("localhost")["LOCAL_LLAMA_KEY"]
         (key_file,) = [p for p in etc.rglob("*") if p.is_file() and key in p.read_text()]
-        assert key_file.stat().st_mode & 0o777 == 0o600
+        # Debian's prometheus runs as user prometheus: its scrape credentials are 0640 to group prometheus,
+        # readable by it (0600 root was not) and by no one else
+        assert key_file.stat().st_mode & 0o777 == 0o640
+        assert key_file.stat().st_gid == grp.getgrnam("prometheus").gr_gid
+        for folder in [p for p in key_file.parents if str(p).startswith("/tmp/")]:
+            folder.chmod(folder.stat().st_mode | 0o111)  # pytest's folders are 0700: let the users reach the file
+        as_prometheus = subprocess.run(["runuser", "-u", "prometheus", "--", "cat", str(key_file)], capture_output=True)
+        assert as_prometheus.returncode == 0 and as_prometheus.stdout.decode().strip() == key
+        as_nobody = subprocess.run(["runuser", "-u", "nobody", "--", "cat", str(key_file)], capture_output=True)
+        assert as_nobody.returncode != 0 and b"Permission denied" in as_nobody.stderr
         assert all(key not in f.diff for f in result.plan.files)
 
         # a rendered file that promtool rejects: the run fails with its output, the host keeps the good file
@@ -82,9 +92,12 @@ def test_prometheus_host_pushed_checked_reloaded_and_a_broken_file_put_back(tmp_
 def test_placement_follows_debians_layout():
     files = {"nginx/ai-idp.conf": (b"server {}", 0o644), "prometheus/prometheus.yml": (b"x", 0o644),
              "prometheus/default": (b"ARGS=", 0o644), "grafana/provisioning/datasources/idp.yaml": (b"d", 0o644),
-             "grafana/dashboards/ai-idp-inference.json": (b"{}", 0o644), ".env": (b"K=v", 0o600)}
+             "grafana/dashboards/ai-idp-inference.json": (b"{}", 0o644), ".env": (b"K=v", 0o600),
+             "prometheus/keys/llm": (b"k", 0o600)}
     assert place(files, ["prometheus"], "/etc/prometheus") == {
-        "/etc/default": {"prometheus": (b"ARGS=", 0o644)}, "/etc/prometheus": {"prometheus.yml": (b"x", 0o644)}}
+        "/etc/default": {"prometheus": (b"ARGS=", 0o644)},
+        "/etc/prometheus": {"prometheus.yml": (b"x", 0o644), "keys/llm": (b"k", 0o640)}}  # its key: group-readable
+    assert key_groups(["prometheus", "grafana"], "/etc/prometheus") == {"/etc/prometheus": "prometheus"}
     assert place(files, ["grafana"], "/etc/grafana/provisioning") == {
         "/etc/grafana/provisioning": {"datasources/idp.yaml": (b"d", 0o644)},
         "/var/lib/grafana/dashboards/idp": {"ai-idp-inference.json": (b"{}", 0o644)}}
