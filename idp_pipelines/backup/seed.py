@@ -5,10 +5,12 @@ read into one process, written to the socket, read by the other and written out.
 2.2 s of system time per GB here, where `cp -a` (one `copy_file_range` per file, no byte in user space)
 needs 0.9 s, so a first snapshot ran at under half of `cp -a`'s speed. For a target that is a folder on
 this host (a local disk or a mounted share, with no `--bwlimit`), the files rsync's dry run said it
-would send are copied here first, two at a time, with `copy_file_range` (a reflink on btrfs/XFS, a
-server-side copy on NFS 4.2), keeping mode and modification time. rsync then runs as always and finds
-them up to date: it still decides what the snapshot holds (filters, hard links to the previous
-snapshot, symlinks, deletions, ownership), and anything not copied here is copied by rsync.
+would send are copied here first by two threads with `copy_file_range` (in-kernel; between two folders
+of one btrfs/XFS filesystem a reflink, whose blocks the cache shares: no second physical copy on that
+disk), or `sendfile` where the kernel refuses the pair (a local cache to an NFS or FUSE target),
+keeping owner, mode and modification time. rsync then runs as always and finds them up to date: it
+still decides what the snapshot holds (filters, hard links to the previous snapshot, symlinks,
+deletions, ownership), and anything not copied here is copied by rsync.
 
 Safe to kill: a file is written as `.<name>.idp-seed` beside its place and renamed once whole, with the
 cache's mode and time set. A file under its final name is always a whole copy: rsync compares times to
@@ -41,130 +43,167 @@ SEED_SUFFIX = ".idp-seed"  # no backup filter matches it: rsync's --delete remov
 class Seeded:
     files: int  # copied here, complete, with mode and time set
     bytes: int
-    left: int  # not copied here (vanished, not a regular file, an error): rsync copies them
+    left: int  # not copied here (vanished, changed while copied, not a regular file, an error): rsync copies them
+
+
+CHUNK = 64 << 20  # bytes per copy_file_range call: a stop request waits for one chunk, not for a whole GGUF
+
+
+class _Copier:
+    """The state the worker threads share: one queue of paths (a thread never waits while the other still
+    has a large file to do), a stop flag, and whether copy_file_range works between the two folders."""
+
+    def __init__(self, src: str, dest: str, paths: Sequence[str], workers: int) -> None:
+        self.src, self.dest = src, dest
+        self.queue = iter(paths)
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.changed = threading.Event()
+        self.use_cfr = True  # EXDEV once (a local cache to an NFS or FUSE target): sendfile for the rest
+        self.counts = [[0, 0, 0] for _ in range(workers)]  # per worker: files, bytes, left to rsync
+        self.failed: list[BaseException] = []
+
+    def work(self, i: int) -> None:
+        c = self.counts[i]
+        try:
+            while not self.stop.is_set():
+                with self.lock:
+                    rel = next(self.queue, None)
+                if rel is None:
+                    return
+                copied = self.copy(os.path.join(self.src, rel), os.path.join(self.dest, rel))
+                if copied is None:
+                    c[2] += 1
+                else:
+                    c[0] += 1
+                    c[1] += copied
+                self.changed.set()
+        except BaseException as exc:  # not an OSError of one file (those are left to rsync): a bug
+            self.failed.append(exc)
+            self.stop.set()
+            self.changed.set()
+
+    def totals(self) -> tuple[int, int, int]:
+        return (sum(c[0] for c in self.counts), sum(c[1] for c in self.counts), sum(c[2] for c in self.counts))
+
+    def copy(self, src: str, dest: str) -> int | None:
+        """Bytes copied, or None when this file is left to rsync."""
+        try:
+            fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:  # vanished since the dry run (a download finished, a temp file renamed), or a symlink now
+            return None
+        try:
+            st = os.fstat(fin)
+            if not stat.S_ISREG(st.st_mode):
+                return None
+            folder, name = os.path.split(dest)
+            tmp = os.path.join(folder, f".{name}{SEED_SUFFIX}")
+            try:
+                fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            except OSError:
+                return None
+            try:
+                try:
+                    copied = self.copy_bytes(fin, fout, st.st_size)
+                    after = os.fstat(fin)
+                    if copied != st.st_size or (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+                            st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+                        return self.drop(tmp)  # changed while copied (or a stop): rsync takes it from here
+                    if os.geteuid() == 0:  # the owner before the mode: a chown clears setuid/setgid bits
+                        with contextlib.suppress(OSError):
+                            os.fchown(fout, st.st_uid, st.st_gid)
+                    os.fchmod(fout, stat.S_IMODE(st.st_mode))
+                finally:
+                    os.close(fout)
+                # the time after the last write is closed (a network or FUSE target may write back on close)
+                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+                os.rename(tmp, dest)  # only now under its name: whole, with the cache's time
+                return copied
+            except OSError:
+                return self.drop(tmp)
+        finally:
+            os.close(fin)
+
+    @staticmethod
+    def drop(tmp: str) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return None
+
+    def copy_bytes(self, fin: int, fout: int, size: int) -> int:
+        copied = 0
+        while copied < size and not self.stop.is_set():
+            want = min(size - copied, CHUNK)
+            if self.use_cfr:
+                try:
+                    n = os.copy_file_range(fin, fout, want)
+                except OSError as exc:
+                    if exc.errno not in _NO_CFR or copied:
+                        raise
+                    self.use_cfr = False
+                    continue
+            else:
+                n = os.sendfile(fout, fin, None, want)
+            if n == 0:  # the source is shorter than it was
+                break
+            copied += n
+        return copied
 
 
 def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, total_bytes: int = 0,
          progress: Progress | None = None, label: str = "", workers: int = 2) -> Seeded:
     """Copy `paths` (relative to both roots; regular files) from `src_root` to `dest_root`.
 
-    Each worker thread takes every `workers`-th path (copy_file_range releases the GIL); this thread
-    reports progress, at once after the first file and then at most ten times a second. One future
-    per file cost more than the copies of 10 000 small files (the pool's locks, 220 000 futex calls).
+    Worker threads take the paths from one queue (copy_file_range releases the GIL); this thread reports
+    progress as files complete, at most ten times a second, and once at the end. One future per file cost
+    more than the copies of 10 000 small files (the pool's locks: 220 000 futex calls).
     """
+    from idp_pipelines.backup.errors import BackupError
+
     started = time.monotonic()
     made: set[Path] = set()
     for rel in paths:  # the folders first, from this thread: workers never race to create one
         parent = (dest_root / rel).parent
         if parent not in made:
-            parent.mkdir(parents=True, exist_ok=True)
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BackupError(f"cannot create {parent} on the backup target: {exc}. Fix: check that the "
+                                  "target is mounted, writable by this user and not full.") from None
             made.add(parent)
-    src, dest = os.fspath(src_root), os.fspath(dest_root)
     n = max(1, min(workers, len(paths)))
-    counts = [[0, 0, 0] for _ in range(n)]  # per worker: files, bytes, left to rsync
-    failed: list[BaseException] = []
-    stop = threading.Event()
-    changed = threading.Event()
+    copier = _Copier(os.fspath(src_root), os.fspath(dest_root), paths, n)
 
-    def work(i: int) -> None:
-        c = counts[i]
-        try:
-            for rel in paths[i::n]:
-                if stop.is_set():
-                    return
-                copied = _copy(os.path.join(src, rel), os.path.join(dest, rel))
-                if copied is None:
-                    c[2] += 1
-                else:
-                    c[0] += 1
-                    c[1] += copied
-                changed.set()
-        except BaseException as exc:  # not an OSError of one file (those are left to rsync): a bug
-            failed.append(exc)
-            stop.set()
-            changed.set()
+    def report() -> None:
+        files, done, _left = copier.totals()
+        rate = done / 1e6 / max(time.monotonic() - started, 1e-6)
+        progress(min(done, total_bytes) if total_bytes else done, total_bytes,
+                 f"{label}: {files:,}/{len(paths):,} files, {done / 1e6:,.0f} MB copied, {rate:,.0f} MB/s")
 
-    threads = [threading.Thread(target=work, args=(i,), name=f"backup-copy-{i}", daemon=True) for i in range(n)]
+    threads = [threading.Thread(target=copier.work, args=(i,), name=f"backup-copy-{i}", daemon=True)
+               for i in range(n)]
     for t in threads:
         t.start()
     try:
-        reported: tuple[int, int] | None = None
+        reported = (0, 0)
         while any(t.is_alive() for t in threads):
-            changed.wait(0.5)
-            changed.clear()
-            files, done = sum(c[0] for c in counts), sum(c[1] for c in counts)
-            if progress is not None and (files, done) != reported and files:
-                rate = done / 1e6 / max(time.monotonic() - started, 1e-6)
-                progress(min(done, total_bytes) if total_bytes else done, total_bytes,
-                         f"{label}: {files:,}/{len(paths):,} files, {done / 1e6:,.0f} MB copied, {rate:,.0f} MB/s")
-                reported = (files, done)
+            copier.changed.wait(0.5)
+            copier.changed.clear()
+            now = copier.totals()[:2]
+            if progress is not None and now != reported and now[0]:
+                report()
+                reported = now
                 time.sleep(0.1)
     finally:
-        stop.set()  # the caller stopped (an exception from progress): the workers finish their file and stop
+        copier.stop.set()  # the caller stopped (an exception from progress): the workers stop within a chunk
         for t in threads:
             t.join()
-    if failed:
-        raise failed[0]
-    return Seeded(files=sum(c[0] for c in counts), bytes=sum(c[1] for c in counts), left=sum(c[2] for c in counts))
+    if copier.failed:
+        raise copier.failed[0]
+    files, done, left = copier.totals()
+    if progress is not None and files:
+        report()
+    return Seeded(files=files, bytes=done, left=left)
 
 
-def _copy(src: str, dest: str) -> int | None:
-    """Bytes copied, or None when this file is left to rsync."""
-    try:
-        fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:  # vanished since the dry run (a download finished, a temp file renamed), or now a symlink
-        return None
-    try:
-        st = os.fstat(fin)
-        if not stat.S_ISREG(st.st_mode):
-            return None
-        folder, name = os.path.split(dest)
-        tmp = os.path.join(folder, f".{name}{SEED_SUFFIX}")
-        try:
-            fout = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError:
-            return None
-        try:
-            try:
-                copied = _copy_bytes(fin, fout, st.st_size)
-                if copied != st.st_size:  # the file changed while it was copied: rsync takes it from here
-                    raise OSError(errno.EAGAIN, "changed while copied")
-                os.fchmod(fout, stat.S_IMODE(st.st_mode))
-                if os.geteuid() == 0:
-                    with contextlib.suppress(OSError):
-                        os.fchown(fout, st.st_uid, st.st_gid)
-                os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
-            finally:
-                os.close(fout)
-            os.rename(tmp, dest)  # only now under its name: whole, with the cache's time
-            return copied
-        except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            return None
-    finally:
-        os.close(fin)
-
-
-def _copy_bytes(fin: int, fout: int, size: int) -> int:
-    copied = 0
-    use_cfr = True
-    while copied < size:
-        want = min(size - copied, 1 << 30)
-        if use_cfr:
-            try:
-                n = os.copy_file_range(fin, fout, want)
-            except OSError as exc:
-                if exc.errno not in _NO_CFR or copied:
-                    raise
-                use_cfr = False
-                continue
-        else:
-            n = os.sendfile(fout, fin, None, want)
-        if n == 0:  # the source is shorter than it was
-            break
-        copied += n
-    return copied
-
-
-__all__ = ["Seeded", "seed"]
+__all__ = ["CHUNK", "Seeded", "seed"]

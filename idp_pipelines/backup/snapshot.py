@@ -268,7 +268,9 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
 
         def report(done: int, _total: int, message: str, total=total) -> None:
             if progress is not None:
-                progress(min(base + done, total), total, message)
+                # below the total until the job says "copied": rsync confirming what the kernel copied is not
+                # a finished copy, and a report at the total is logged as the last one
+                progress(min(base + done, max(total - 1, 0)), total, message)
 
         passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
             if label == "cache" else [(label, EXCLUDES)]

@@ -133,7 +133,9 @@ class Target:
         would be a full copy, and the snapshots' symlinks would be lost."""
         out = self.sh(
             # the probe folder goes also when a step fails (a full or read-only target) or the run is stopped
-            'set -e; d="$1/.idp-linkcheck.$$"; trap \'rm -rf "$d"\' EXIT HUP INT TERM\n'
+            # (a signal's trap exits: dash would run the handler and carry on to a false verdict)
+            'set -e; d="$1/.idp-linkcheck.$$"; trap \'rm -rf "$d"\' EXIT\n'
+            'trap "exit 129" HUP; trap "exit 130" INT; trap "exit 143" TERM\n'
             'rm -rf "$d"; mkdir -p "$d"; echo x > "$d/a"\n'
             'if ! ln "$d/a" "$d/b" 2>/dev/null; then echo "no-hardlink"; '
             'elif [ "$(stat -c %h "$d/a")" != 2 ]; then echo "no-hardlink-count"; '
