@@ -55,11 +55,11 @@ class _Copier:
 
     def __init__(self, src: str, dest: str, paths: Sequence[str], workers: int) -> None:
         self.src, self.dest = src, dest
-        self.queue = iter(paths)
-        self.lock = threading.Lock()
+        self.queue = iter(list(paths))
         self.stop = threading.Event()
         self.changed = threading.Event()
         self.use_cfr = True  # EXDEV once (a local cache to an NFS or FUSE target): sendfile for the rest
+        self.ids = (os.geteuid(), os.getegid())  # a new file's owner: chown only where the cache's differs
         self.counts = [[0, 0, 0] for _ in range(workers)]  # per worker: files, bytes, left to rsync
         self.failed: list[BaseException] = []
 
@@ -67,8 +67,7 @@ class _Copier:
         c = self.counts[i]
         try:
             while not self.stop.is_set():
-                with self.lock:
-                    rel = next(self.queue, None)
+                rel = next(self.queue, None)  # one C call under the GIL: no two threads get the same path
                 if rel is None:
                     return
                 copied = self.copy(os.path.join(self.src, rel), os.path.join(self.dest, rel))
@@ -109,14 +108,14 @@ class _Copier:
                     if copied != st.st_size or (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
                             st.st_size, st.st_mtime_ns, st.st_ctime_ns):
                         return self.drop(tmp)  # changed while copied (or a stop): rsync takes it from here
-                    if os.geteuid() == 0:  # the owner before the mode: a chown clears setuid/setgid bits
-                        with contextlib.suppress(OSError):
+                    if (st.st_uid, st.st_gid) != self.ids:  # the owner before the mode: chown clears setuid
+                        with contextlib.suppress(OSError):  # not root: rsync sets what it may
                             os.fchown(fout, st.st_uid, st.st_gid)
                     os.fchmod(fout, stat.S_IMODE(st.st_mode))
+                    # the time last (Linux's NFS client writes cached data back before it sets a time)
+                    os.utime(fout, ns=(st.st_atime_ns, st.st_mtime_ns))
                 finally:
                     os.close(fout)
-                # the time after the last write is closed (a network or FUSE target may write back on close)
-                os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
                 os.rename(tmp, dest)  # only now under its name: whole, with the cache's time
                 return copied
             except OSError:
