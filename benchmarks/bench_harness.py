@@ -103,13 +103,14 @@ async def _lean_step(url: str, tokens: int, concurrency: int, rounds: int) -> tu
         writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
         await reader.readuntil(b"\r\n\r\n")
-        first, got, buf = None, 0, b""
+        first, got, buf, recent = None, 0, b"", b""
         while True:
             data = await reader.read(65536)
             if not data:
                 raise ConnectionError("the server closed the connection mid-stream")
             buf += data
-            done = buf.endswith(b"\r\n0\r\n\r\n")  # the last chunk of the chunked body
+            recent = (recent + data)[-16:]  # the raw tail, whether or not the last chunk came in its own read
+            done = recent.endswith(b"\r\n0\r\n\r\n")  # the last chunk of the chunked body
             k = buf.rfind(b"\n") + 1  # count tokens in whole events only
             c = buf.count(b'"content":" tok', 0, k)
             if c and first is None:
