@@ -12,6 +12,7 @@ deleted afterwards. Goals (issue 14): first snapshot >= 0.9 of cp -a's throughpu
 from __future__ import annotations
 
 import argparse
+import resource
 import hashlib
 import os
 import shutil
@@ -51,6 +52,12 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def cpu_s() -> float:
+    """CPU seconds of this process and its finished children: less noisy than wall time on a shared VM."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mb", type=int, default=1024, help="cache size in MB (default 1024)")
@@ -74,20 +81,24 @@ def main() -> None:
         # each contender's time includes its own `sync` (the writes on disk, not in the page cache). They
         # alternate, and which goes first alternates too: a virtual disk that throttles writes after a burst
         # (this one does: the same cp took 2 s, then 7 s, then 10 s) must not favour whichever runs first.
-        cps, snaps = [], []
+        cps, snaps, cp_cpu, snap_cpu = [], [], [], []
         target = Target(str(tmp / "nas"))
 
         def run_cp() -> None:
             shutil.rmtree(tmp / "cp-copy", ignore_errors=True)
             subprocess.run(["sync"], check=True)
-            cps.append(timed(lambda: subprocess.run(f"cp -a {cache} {tmp / 'cp-copy'} && sync", shell=True,
-                                                    check=True)))
+            c = cpu_s()
+            cps.append(timed(lambda: subprocess.run(["cp", "-a", str(cache), str(tmp / "cp-copy")], check=True)
+                             and subprocess.run(["sync"], check=True)))
+            cp_cpu.append(cpu_s() - c)
 
         def run_snap() -> None:
             shutil.rmtree(tmp / "nas", ignore_errors=True)
             subprocess.run(["sync"], check=True)
+            c = cpu_s()
             snaps.append(timed(lambda: (make_snapshot(cache, target, lock_path=tmp / "lock"),
                                         subprocess.run(["sync"], check=True))))
+            snap_cpu.append(cpu_s() - c)
 
         for i in range(args.repeat):
             for contender in ((run_cp, run_snap) if i % 2 == 0 else (run_snap, run_cp)):
@@ -99,6 +110,8 @@ def main() -> None:
               f"{', '.join(f'{x:.2f}' for x in snaps)}")
         print(f"  throughput ratio to cp -a: best against best {cp / snap_s:.2f}, run by run "
               f"{', '.join(f'{r:.2f}' for r in ratios)} (median {statistics.median(ratios):.2f}; goal >= 0.9)")
+        print(f"  CPU seconds (this process and its children), least of the runs: cp -a {min(cp_cpu):.2f}, snapshot "
+              f"{min(snap_cpu):.2f} (ratio {min(cp_cpu) / min(snap_cpu):.2f}; steadier than wall time on a shared VM)")
         again = make_snapshot(cache, target, lock_path=tmp / "lock")
         print(f"no-change snapshot: {again.seconds:7.2f} s  ({again.files_sent} files sent; goal < 1 s)")
 
