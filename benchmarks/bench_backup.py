@@ -103,7 +103,7 @@ def main() -> None:
         for i in range(args.repeat):
             for contender in ((run_cp, run_snap) if i % 2 == 0 else (run_snap, run_cp)):
                 contender()
-        ratios = sorted(c / s for c, s in zip(cps, snaps))
+        ratios = sorted(c / s for c, s in zip(cps, snaps, strict=True))
         cp, snap_s = min(cps), min(snaps)
         print(f"cp -a (+ sync):     {cp:7.2f} s  {mb / cp:8.1f} MB/s   runs: {', '.join(f'{x:.2f}' for x in cps)}")
         print(f"first snapshot (+ sync): {snap_s:7.2f} s  {mb / snap_s:8.1f} MB/s   runs: "

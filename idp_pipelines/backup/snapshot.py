@@ -45,15 +45,16 @@ EXCLUDES = ["- .*.tmp", "- *.idp-tmp", "- *.incomplete",
 CONTENT_FIRST = ["+ /*/", "+ /*/blobs/***", "+ /blobs/***", "+ /gguf/***", "- *"]
 # ... and the second leaves the content alone, so no file is scanned twice (and --delete spares it).
 CONTENT_DONE = ["- /*/blobs/", "- /blobs/", "- /gguf/"]
+# rsync --itemize-changes: one line per created, updated or deleted entry; ">f" is a file it would send
+_ITEM = re.compile(rb"^(\*deleting|[<>ch.][fdLDS][.+a-zA-Z?]{9})\s")
+_ESCAPE = re.compile(rb"\\#([0-7]{3})")  # rsync writes an unprintable byte of a name as \#ooo
 
 
 def is_content(rel: str) -> bool:
     """A path CONTENT_FIRST includes: `<repo>/blobs/...`, `blobs/...` or `gguf/...`."""
     parts = rel.split("/")
     return parts[0] in ("blobs", "gguf") or (len(parts) > 2 and parts[1] == "blobs")
-# rsync --itemize-changes: one line per created, updated or deleted entry; ">f" is a file it would send
-_ITEM = re.compile(rb"^(\*deleting|[<>ch.][fdLDS][.+a-zA-Z?]{9})\s")
-_ESCAPE = re.compile(rb"\\#([0-7]{3})")  # rsync writes an unprintable byte of a name as \#ooo
+
 
 _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+(\d+:\d\d:\d\d)")
 _STATS = {
@@ -264,13 +265,13 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     kernel_copied = 0
     for label, src, dest, ld in jobs:
         # progress over the whole job (both passes of the cache), against what the dry run said to copy
-        total, base = to_copy[label], 0
+        total, base = to_copy[label], [0]  # bytes of this job done by earlier steps (kernel copy, passes)
 
-        def report(done: int, _total: int, message: str, total=total) -> None:
+        def report(done: int, _total: int, message: str, total=total, base=base) -> None:
             if progress is not None:
                 # below the total until the job says "copied": rsync confirming what the kernel copied is not
                 # a finished copy, and a report at the total is logged as the last one
-                progress(min(base + done, max(total - 1, 0)), total, message)
+                progress(min(base[0] + done, max(total - 1, 0)), total, message)
 
         passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
             if label == "cache" else [(label, EXCLUDES)]
@@ -281,16 +282,16 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
             stats.files_sent += seeded.files
             kernel_copied += seeded.files
             stats.bytes_sent += seeded.bytes
-            base += seeded.bytes
+            base[0] += seeded.bytes
             if not seeded.left:  # all new content is in place: no symlink can point at a missing blob
                 passes = [(label, EXCLUDES)]
-        for i, (what, filters) in enumerate(passes):
+        for what, filters in passes:
             # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
             # each pass spares the other's half, which its filters exclude
             done = run_rsync(rsync_argv(target, filters=filters, link_dest=ld, delete=True)
                              + [src, target.remote(dest)], progress=report, label=what, total=total)
             stats.add(done)
-            base += done.bytes_sent
+            base[0] += done.bytes_sent
         if progress is not None:
             progress(total, total, f"{label}: copied")
 

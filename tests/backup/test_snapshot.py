@@ -15,7 +15,7 @@ import pytest
 
 from idp_pipelines.backup import BackupError, Target
 from idp_pipelines.backup.retention import plan_retention
-from idp_pipelines.backup.snapshot import make_snapshot, manifest_of, snapshot_name
+from idp_pipelines.backup.snapshot import make_snapshot, snapshot_name
 from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
 from tests.backup.conftest import SPARSE_BYTES, make_cache, tree
 
