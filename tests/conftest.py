@@ -12,6 +12,42 @@ from tests.support import llama_server
 ALLOWED_SKIPS: dict[str, str] = {}
 
 
+def pytest_report_header(config) -> list[str]:
+    """One early line per missing part, so a machine that cannot run some tests says so before they fail
+    one by one. Informational only: the tests themselves fail (never skip) without what they need."""
+    try:
+        return _missing_parts()
+    except Exception as exc:  # a header must never stop the session
+        return [f"idp_pipelines: could not check this machine's services and devices: {exc!r}"]
+
+
+def _missing_parts() -> list[str]:
+    import os
+    import shutil
+
+    from idp_pipelines.llama_tools import LlamaToolsError, tool
+
+    missing = []
+    if os.geteuid() != 0:
+        missing.append("root (a private dockerd, sshd on 127.0.0.1, mount namespaces, the exFAT volume)")
+    for dev, what in (("/dev/fuse", "FUSE (the exFAT backup target)"), ("/dev/loop-control", "loop devices "
+                      "(the exFAT backup target)")):
+        if not os.path.exists(dev):
+            missing.append(f"{what}: {dev}")
+    for name in ("dockerd", "sshd", "nginx", "promtool", "rsync", "mkfs.exfat", "mount.exfat-fuse", "unshare"):
+        if shutil.which(name, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin") is None:
+            missing.append(f"{name} (`make install` installs the Debian packages)")
+    for name in ("llama-server", "llama-quantize"):
+        try:
+            tool(name)
+        except LlamaToolsError:
+            missing.append(f"{name} (`make install` builds it once per machine)")
+    if not missing:
+        return ["idp_pipelines: every service and device the tests start is on this machine"]
+    return ["idp_pipelines: MISSING on this machine, the tests that need them will fail:"] + \
+        [f"  - {m}" for m in missing]
+
+
 def _not_allowed(report) -> str | None:
     """Why this skipped or xfailed report must count as a failure (None: it may stay a skip)."""
     if hasattr(report, "wasxfail"):
