@@ -38,10 +38,19 @@ class StampedClient(BenchClient):
     """Keeps, per request, the absolute send time and the server's stamps from the first chunk."""
 
     stamps: dict[int, dict[str, float]]
+    gaps: list[float]  # ms from a worker's previous response end to its next send: the harness's own time
 
     async def send(self, record, t0, deadline=None):
-        self.stamps.setdefault(id(record), {})["send"] = time.perf_counter()
-        return await super().send(record, t0, deadline)
+        import asyncio
+
+        task, now = asyncio.current_task(), time.perf_counter()
+        ends = self.__dict__.setdefault("_ends", {})
+        if task in ends:
+            self.gaps.append((now - ends[task]) * 1000)
+        self.stamps.setdefault(id(record), {})["send"] = now
+        out = await super().send(record, t0, deadline)
+        ends[task] = time.perf_counter()
+        return out
 
     def _handle_event(self, rec, state, event, t):
         if rec.t_first_token is None and b'"x_stamp"' in event:
@@ -61,8 +70,9 @@ def _step(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: in
 
         async def go():
             async with StampedClient(ep, Workload(max_tokens=tokens, ignore_eos=True), concurrency) as client:
-                client.stamps = {}
+                client.stamps, client.gaps = {}, []
                 step = await run_step(client, spec, host_meter=HostLoadMeter(exclude_pids=[proc.pid]))
+                step.__dict__["gaps"] = client.gaps
                 return step, client.stamps
 
         try:
@@ -190,6 +200,10 @@ def _tail_apart(step, stamps: dict, ttft_s: float) -> None:
     first = sorted(step.records, key=lambda r: r.t_sent)[: step.load.concurrency]
     burst = statistics.fmean((r.t_first_token - r.t_sent) * 1000 for r in first if r.ok)
     print(f"    the first {len(first)} requests of the step (sent together): mean TTFT {burst:.2f} ms")
+    gaps = step.__dict__.get("gaps") or []
+    if gaps:
+        print(f"    the harness's own time from a response's end to the worker's next send: median "
+              f"{statistics.median(gaps) * 1000:.0f} us, max {max(gaps):.2f} ms ({len(gaps)} sends)")
 
 
 def _startup(rounds: int = 3) -> tuple[float, float]:
