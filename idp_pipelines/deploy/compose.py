@@ -183,12 +183,17 @@ def render_host(lab: Lab, host: str, artifacts: dict[tuple[str, str], ModelArtif
 
 
 def _sync_line(lab: Lab, host: str, mount: ModelMount) -> str:
-    docker_host = lab.host(host).docker_host or ""
+    from .ssh import ssh_for
+
     dst = f"{mount.source}/{mount.sync_from.name}"
-    if docker_host.startswith("ssh://"):
-        target = docker_host.removeprefix("ssh://")
-        return (f"ssh {shlex.quote(target)} mkdir -p {shlex.quote(str(mount.source))}\n"
-                f"rsync -a --copy-links --partial {shlex.quote(str(mount.sync_from))} "
-                f"{shlex.quote(target)}:{shlex.quote(dst)}\n")
+    conn = ssh_for(lab, host)
+    if conn is not None:
+        # the deploy's own way in: port, key, known_hosts and sudo from the inventory (`ssh user@host:2222`,
+        # as docker_host spells it, is no ssh command)
+        ssh = shlex.join(conn.argv())
+        mkdir = conn.wrap(f"mkdir -p {shlex.quote(str(mount.source))}")
+        return (f"{ssh} -- {shlex.quote(conn.host)} {shlex.quote(mkdir)}\n"
+                f"rsync -a --copy-links --partial -e {shlex.quote(ssh)} {shlex.quote(str(mount.sync_from))} "
+                f"{shlex.quote(f'{conn.host}:{dst}')}\n")
     return (f"mkdir -p {shlex.quote(str(mount.source))}\n"
             f"cp --dereference {shlex.quote(str(mount.sync_from))} {shlex.quote(dst)}\n")

@@ -62,7 +62,8 @@ def test_the_jetson_serves_its_gguf_with_llama_cpp_and_gets_the_file_synced(schl
     assert svc["volumes"][0]["source"] == "/home/ubuntu/jetson/models/llama-3.2-1b-q4"
     script = (host_dir("jetson-orin") / "sync-models.sh").read_text()
     src = arts[("hub_model", "llama-3.2-1b-q4")].path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
-    assert f"rsync -a --copy-links --partial {src} ubuntu@192.168.1.50:" in script
+    assert "ssh -o BatchMode=yes" in script and " -p 22 " in script and " -l ubuntu " in script
+    assert f"--partial -e '" in script and f"{src} 192.168.1.50:/home/ubuntu/jetson/models/" in script
 
 
 def test_gateway_and_monitoring_files(schlimers, tmp_path):

@@ -89,3 +89,36 @@ def test_embedded_lab_without_an_engine_deploys_its_files_only(tmp_path):
     assert result.plan.engine.startswith(f"none: no Docker engine at unix://{tmp_path}/no-engine.sock")
     assert result.pushed == ["%s/compose.yaml" % (tmp_path / "target")] and result.containers == []
     assert (tmp_path / "target" / "compose.yaml").exists()
+
+
+def test_the_jetsons_sync_script_copies_its_model_over_ssh(sshd, tmp_path):
+    """The rendered sync-models.sh, run as the owner runs it, puts the GGUF the Jetson serves where its
+    compose file mounts it: through the inventory's port, key and known_hosts (a Jetson on port 2222 works)."""
+    from idp_pipelines.deploy import host_dir
+    from idp_pipelines.deploy.keys import ensure_keys
+    from idp_pipelines.deploy.render import render_everything
+    from tests.deploy.conftest import artifacts_for
+
+    jetson_dir = tmp_path / "jetson"
+
+    def edit(d):
+        (h,) = [h for h in d["hosts"] if h["name"] == "jetson-orin"]
+        h.update(address="127.0.0.1", docker_host=f"ssh://root@127.0.0.1:{sshd.port}", config_dir=str(jetson_dir),
+                 ssh={"user": "root", "port": sshd.port, "identity_file": str(sshd.key),
+                      "known_hosts": str(sshd.known_hosts)})
+    lab = load_lab(lab_with(tmp_path, "schlimers", edit))
+    for host in lab.docker_hosts():
+        ensure_keys(lab, host)
+    arts = artifacts_for(lab, tmp_path / "cache")
+    render_everything(lab, arts, {})
+    script = host_dir("jetson-orin") / "sync-models.sh"
+    src = arts[("hub_model", "llama-3.2-1b-q4")].path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
+    compose = (host_dir("jetson-orin") / "compose.yaml").read_text()
+    mounted = jetson_dir / "models" / "llama-3.2-1b-q4"
+    assert f"source: {mounted}" in compose
+    run = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    copied = mounted / src.name
+    assert copied.is_file() and not copied.is_symlink() and copied.read_bytes() == src.resolve().read_bytes()
+    again = subprocess.run(["sh", str(script)], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr  # a second run (nothing new) succeeds too
