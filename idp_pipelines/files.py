@@ -15,12 +15,12 @@ CHUNK_SIZE = 1024 * 1024
 
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int | None = None,
-                 fsync: bool = True) -> None:
+                 fsync: bool = True, gid: int | None = None) -> None:
     """Write `data` to `path` through a temp file in the same folder, renamed into place.
 
     A crash leaves either the old file or the new one, never half of it. `mode` sets the permissions
     before the rename (a secret never exists world-readable, even for an instant); without it an
-    existing file keeps its mode.
+    existing file keeps its mode. `gid` sets the group before the mode, also before the rename.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,6 +28,8 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str, *, mode: int |
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:40]}.", suffix=".idp-tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            if gid is not None:
+                os.fchown(f.fileno(), -1, gid)
             if mode is not None:
                 os.fchmod(f.fileno(), mode)
             else:

@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from idp_pipelines.backup.errors import BackupError
+
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, message)
 
 # copy_file_range cannot do this pair (another filesystem on an old kernel, a FUSE share): sendfile can
@@ -157,8 +159,6 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, total_bytes: 
     progress as files complete, at most ten times a second, and once at the end. One future per file cost
     more than the copies of 10 000 small files (the pool's locks: 220 000 futex calls).
     """
-    from idp_pipelines.backup.errors import BackupError
-
     started = time.monotonic()
     made: set[Path] = set()
     for rel in paths:  # the folders first, from this thread: workers never race to create one

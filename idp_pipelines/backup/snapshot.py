@@ -29,7 +29,7 @@ from pathlib import Path
 
 from idp_pipelines.backup.errors import BackupError
 from idp_pipelines.backup.retention import plan_retention
-from idp_pipelines.backup.seed import seed
+from idp_pipelines.backup.seed import Progress, seed
 from idp_pipelines.backup.target import (
     DELETING_SUFFIX, MANIFEST, PARTIAL_SUFFIX, SNAPSHOT_RE, Entry, Target, ensure_tools,
 )
@@ -64,7 +64,6 @@ _STATS = {
     "bytes_sent": re.compile(r"^Total transferred file size: ([\d,]+) bytes", re.M),
 }
 
-Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, message)
 
 
 @dataclass

@@ -33,8 +33,6 @@ class Placement:
     key_group: str | None = None
 
 
-
-
 def lxc_kinds(lab: Lab, host: str) -> list[str]:
     """The systemd services of the host whose files the deploy group renders (none on a Docker host)."""
     if host in lab.docker_hosts():

@@ -59,31 +59,17 @@ class LocalDir:
             return None
 
     def write(self, rel: str, data: bytes, mode: int, key_group: str | None = None) -> None:
-        if mode != KEY_MODE or key_group is None:
-            atomic_write(self.root / rel, data, mode=mode)
-            return
-        import grp
+        gid = None
+        if mode == KEY_MODE and key_group is not None:
+            import grp
 
-        try:
-            gid = grp.getgrnam(key_group).gr_gid
-        except KeyError:
-            raise DeployError(f"{rel} is for the {key_group} service, but this host has no group {key_group!r}. "
-                              f"Fix: install the service's package (apt-get install {key_group}) first.") from None
-        path = self.root / rel
-        tmp = path.with_name(path.name + TMP_SUFFIX)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                os.fchown(f.fileno(), -1, gid)
-                os.fchmod(f.fileno(), KEY_MODE)
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+            try:
+                gid = grp.getgrnam(key_group).gr_gid
+            except KeyError:
+                raise DeployError(f"{rel} is for the {key_group} service, but this host has no group "
+                                  f"{key_group!r}. Fix: install the service's package (apt-get install "
+                                  f"{key_group}) first.") from None
+        atomic_write(self.root / rel, data, mode=mode, gid=gid)
 
     def remove(self, rel: str) -> None:
         (self.root / rel).unlink(missing_ok=True)
