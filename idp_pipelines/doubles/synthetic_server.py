@@ -3,7 +3,10 @@
 Plain asyncio streams and hand-written HTTP/1.1 (keep-alive, chunked transfer) so the
 server costs a few microseconds per token and is never the bottleneck of a benchmark
 that shares a 2-core machine with it. Times are scheduled against absolute deadlines
-(start + ttft + k * itl), so sleep overshoot does not accumulate into the TPOT.
+(arrival + ttft + k * itl), so sleep overshoot does not accumulate into the TPOT. The arrival is
+when the event loop read the request's last bytes, not when the server had parsed it: 64
+requests that arrive together are parsed one after another (about 0.1 ms each here), and the
+injected TTFT must not grow by the server's own queue of parsing, which is not the client's.
 
 Per-request behaviour can be overridden with an ``x_synthetic`` object in the request
 body whose keys are ``SyntheticConfig`` field names (tests use this to mix quirks).
@@ -23,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass
 
 __all__ = [
@@ -58,7 +61,7 @@ class SyntheticConfig:
     # (a proxy that closes late makes a client that trusts the header wait for the close).
     close_after_stream_s: float | None = None
     # Put the server's own clock (perf_counter, the same CLOCK_MONOTONIC as the client's on Linux) in the
-    # first content chunk: "x_stamp": [request parsed, intended first token, first chunk written]. Lets
+    # first content chunk: "x_stamp": [request arrived, intended first token, first chunk written]. Lets
     # `make bench` tell a late server from a late client when it takes the TTFT tail apart.
     stamp: bool = False
 
@@ -113,8 +116,24 @@ def _error_body(message: str, err_type: str, code: int) -> bytes:
     return json.dumps({"error": {"message": message, "type": err_type, "code": code}}).encode()
 
 
+class _ArrivalProtocol(asyncio.StreamReaderProtocol):
+    """asyncio's stream protocol that notes when the request's bytes were read, the last read winning:
+    a request sent in parts has arrived when its last part has."""
+
+    arrived: tuple[float, float] | None = None  # (loop.time(), perf_counter()), until the request is taken
+
+    def data_received(self, data: bytes) -> None:
+        self.arrived = (time.monotonic(), time.perf_counter())
+        super().data_received(data)
+
+    def take_arrival(self) -> tuple[float, float]:
+        """The current request's arrival (now, if none was noted), and forget it for the next request."""
+        arrived, self.arrived = self.arrived, None
+        return arrived or (time.monotonic(), time.perf_counter())
+
+
 async def _handle_connection(
-    state: _State, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    state: _State, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, protocol: _ArrivalProtocol
 ) -> None:
     try:
         while True:
@@ -131,7 +150,9 @@ async def _handle_connection(
                     headers[k.strip().lower()] = v.strip()
             length = int(headers.get("content-length", "0"))
             body = await reader.readexactly(length) if length else b""
-            keep = await _route(state, method, path.split("?", 1)[0], headers, body, writer)
+            # the next request's bytes come only after this response (one request at a time per connection)
+            arrived = protocol.take_arrival()
+            keep = await _route(state, method, path.split("?", 1)[0], headers, body, writer, arrived)
             if not keep:
                 return
     except (ConnectionError, asyncio.IncompleteReadError):
@@ -148,6 +169,7 @@ async def _route(
     headers: dict[str, str],
     body: bytes,
     writer: asyncio.StreamWriter,
+    arrived: tuple[float, float],
 ) -> bool:
     if method == "GET" and path == "/metrics":
         writer.write(_response(200, state.metrics_text().encode(), "text/plain; version=0.0.4"))
@@ -179,7 +201,7 @@ async def _route(
         )
         return True
     # per request, not shared state: a drop on one connection must not close another one
-    keep = await _stream(state, config, request, path.endswith("chat/completions"), writer)
+    keep = await _stream(state, config, request, path.endswith("chat/completions"), writer, arrived)
     if keep and config.close_after_stream_s is not None:
         await writer.drain()
         if config.close_after_stream_s > 0:
@@ -195,11 +217,11 @@ async def _stream(
     request: dict,
     chat: bool,
     writer: asyncio.StreamWriter,
+    arrived: tuple[float, float],
 ) -> bool:
     """Stream one response; False when the connection was dropped (not to be used again)."""
     loop = asyncio.get_running_loop()
-    start = loop.time()
-    received = time.perf_counter()
+    start, received = arrived  # loop.time() is time.monotonic()
     number = state.request_count
     prompt_text = (
         " ".join(str(m.get("content", "")) for m in request.get("messages", []))
@@ -248,7 +270,10 @@ async def _stream(
         mid = b'","logprobs":null,"finish_reason":'
 
     keep_alive_header = b"Keep-Alive: timeout=5, max=100\r\n" if config.close_after_stream_s is not None else b""
-    writer.write(
+    # one write (one send) per instant of the injected timeline: the head with the role chunk, each token,
+    # the last token with the usage, [DONE] and the end of the body. 32 streams that start or end together
+    # would otherwise queue two or three sends each (about 20 us apiece on loopback) behind one another.
+    opening = (
         b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
         + keep_alive_header + b"Transfer-Encoding: chunked\r\n\r\n"
     )
@@ -264,11 +289,13 @@ async def _stream(
                     {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                 ],
             }
-            writer.write(_http_chunk(b"data: " + json.dumps(role).encode() + b"\n\n"))
+            opening += _http_chunk(b"data: " + json.dumps(role).encode() + b"\n\n")
+        writer.write(opening)
         tpc = max(1, config.tokens_per_chunk)
         n_chunks = math.ceil(n_tokens / tpc)
         fail_at = n_chunks // 2
         sent = 0
+        out = b""  # the chunk not yet written (none when no token is asked for)
         for i in range(n_chunks):
             if config.error_every and number % config.error_every == 0 and i == fail_at:
                 err = _error_body("injected mid-stream failure", "server_error", 500)
@@ -303,16 +330,19 @@ async def _stream(
             if config.stamp and i == 0:
                 stamp = [received, received + config.ttft_s + (sent - 1) * config.itl_s, time.perf_counter()]
                 event = event[:-1] + b',"x_stamp":' + json.dumps(stamp).encode() + b"}"
-            writer.write(_http_chunk(b"data: " + event + b"\n\n"))
+            out = _http_chunk(b"data: " + event + b"\n\n")
             state.generation_tokens += k
+            if last:
+                break  # written with what ends the body, below
             if writer.transport.get_write_buffer_size() > 65536:
                 await writer.drain()
+            writer.write(out)
         if config.usage == "stream_options" and include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
             final = {"id": f"x-{number}", "object": obj, "created": 0, "model": "synthetic",
                      "choices": [], "usage": usage}
-            writer.write(_http_chunk(b"data: " + json.dumps(final).encode() + b"\n\n"))
-        writer.write(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+            out += _http_chunk(b"data: " + json.dumps(final).encode() + b"\n\n")
+        writer.write(out + _http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
         return True
     finally:
         state.running -= 1
@@ -372,10 +402,18 @@ class SyntheticServer:
 
 
 async def _start(state: _State, port: int) -> asyncio.base_events.Server:
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await _handle_connection(state, reader, writer)
+    loop = asyncio.get_running_loop()
 
-    return await asyncio.start_server(handler, "127.0.0.1", port, backlog=1024)
+    def factory() -> _ArrivalProtocol:  # asyncio.start_server's, with the arrival noted
+        protocol: _ArrivalProtocol
+
+        def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> Awaitable[None]:
+            return _handle_connection(state, reader, writer, protocol)
+
+        protocol = _ArrivalProtocol(asyncio.StreamReader(loop=loop), connected, loop=loop)
+        return protocol
+
+    return await loop.create_server(factory, "127.0.0.1", port, backlog=1024)
 
 
 @contextlib.contextmanager
