@@ -5,7 +5,7 @@ would, the harness in this one, both on the same cores. Prints each figure, its 
 met, and takes the TTFT tail at c=64 apart: with the server's clock in the first chunk (the same
 CLOCK_MONOTONIC as the client's), each request's TTFT splits into
 
-  uplink   client send -> the server's event loop read the request's first bytes (client, kernel)
+  uplink   client send -> the server's event loop read the request's last bytes (client, kernel)
   server   how late the server wrote the first chunk after its intended time (server event loop)
   downlink server wrote it -> client parsed it  (client event loop busy with other streams)
 

@@ -118,7 +118,8 @@ def _error_body(message: str, err_type: str, code: int) -> bytes:
 
 class _ArrivalProtocol(asyncio.StreamReaderProtocol):
     """asyncio's stream protocol that notes when the request's bytes were read, the last read winning:
-    a request sent in parts has arrived when its last part has."""
+    a request sent in parts has arrived when its last part has. (A body over the reader's 128 KiB
+    pause limit would be read while it is parsed, so noted late; benchmark prompts are far smaller.)"""
 
     arrived: tuple[float, float] | None = None  # (loop.time(), perf_counter()), until the request is taken
 
@@ -334,9 +335,9 @@ async def _stream(
             state.generation_tokens += k
             if last:
                 break  # written with what ends the body, below
+            writer.write(out)
             if writer.transport.get_write_buffer_size() > 65536:
                 await writer.drain()
-            writer.write(out)
         if config.usage == "stream_options" and include_usage:
             obj = "chat.completion.chunk" if chat else "text_completion"
             final = {"id": f"x-{number}", "object": obj, "created": 0, "model": "synthetic",
