@@ -12,9 +12,9 @@ deleted afterwards. Goals (issue 14): first snapshot >= 0.9 of cp -a's throughpu
 from __future__ import annotations
 
 import argparse
-import resource
 import hashlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess

@@ -17,6 +17,7 @@ so a tail is pinned on the side that causes it before anything is changed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -30,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from idp_pipelines.bench.client import BenchClient, EndpointConfig, Workload  # noqa: E402
 from idp_pipelines.bench.host_load import HostLoadMeter  # noqa: E402
-from idp_pipelines.bench.load import fixed_concurrency, run_step  # noqa: E402
+from idp_pipelines.bench.load import fixed_concurrency, run_on_loop, run_step  # noqa: E402
 from idp_pipelines.doubles.synthetic_server import SyntheticConfig, synthetic_server_subprocess  # noqa: E402
 
 
@@ -39,17 +40,15 @@ class StampedClient(BenchClient):
 
     stamps: dict[int, dict[str, float]]
     gaps: list[float]  # ms from a worker's previous response end to its next send: the harness's own time
+    ends: dict  # per worker task, when its last response ended
 
     async def send(self, record, t0, deadline=None):
-        import asyncio
-
         task, now = asyncio.current_task(), time.perf_counter()
-        ends = self.__dict__.setdefault("_ends", {})
-        if task in ends:
-            self.gaps.append((now - ends[task]) * 1000)
+        if task in self.ends:
+            self.gaps.append((now - self.ends[task]) * 1000)
         self.stamps.setdefault(id(record), {})["send"] = now
         out = await super().send(record, t0, deadline)
-        ends[task] = time.perf_counter()
+        self.ends[task] = time.perf_counter()
         return out
 
     def _handle_event(self, rec, state, event, t):
@@ -61,6 +60,11 @@ class StampedClient(BenchClient):
         super()._handle_event(rec, state, event, t)
 
 
+def _ideal(ttft_s: float, itl_s: float, tokens: int, concurrency: int) -> float:
+    """Tokens per second of a closed loop that loses no time between requests."""
+    return concurrency * tokens / (ttft_s + (tokens - 1) * itl_s)
+
+
 def _step(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: int):
     config = SyntheticConfig(ttft_s=ttft_s, itl_s=itl_s, stamp=True)
     with synthetic_server_subprocess(config) as (proc, url):
@@ -70,21 +74,14 @@ def _step(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: in
 
         async def go():
             async with StampedClient(ep, Workload(max_tokens=tokens, ignore_eos=True), concurrency) as client:
-                client.stamps, client.gaps = {}, []
+                client.stamps, client.gaps, client.ends = {}, [], {}
                 step = await run_step(client, spec, host_meter=HostLoadMeter(exclude_pids=[proc.pid]))
                 step.__dict__["gaps"] = client.gaps
                 return step, client.stamps
 
-        try:
-            import uvloop
-
-            step, stamps = uvloop.run(go())
-        except ImportError:
-            import asyncio
-
-            step, stamps = asyncio.run(go())
+        step, stamps = run_on_loop(go())
     s = step.summary()
-    ideal = concurrency * tokens / (ttft_s + (tokens - 1) * itl_s)
+    ideal = _ideal(ttft_s, itl_s, tokens, concurrency)
     server_cpu = (step.server_metrics.counters.get("process_cpu_seconds_total")
                   if step.server_metrics else None)
     return step, s, ideal, server_cpu, stamps
@@ -95,8 +92,6 @@ async def _lean_step(url: str, tokens: int, concurrency: int, rounds: int) -> tu
     parsing beyond finding the first token and the last chunk) against the same server, same load.
     What it loses to the ideal is lost by the server, the kernel and a Python client at all, not by
     the harness. Returns (TTFTs in ms, tokens, seconds from the first send to the last end)."""
-    import asyncio
-
     port = int(url.rsplit(":", 1)[1])
     ttfts: list[float] = []
     counted = 0
@@ -151,16 +146,9 @@ def _lean(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: in
     """(TTFT p50, TTFT p95, fraction of ideal throughput) of the minimal client on this machine now."""
     config = SyntheticConfig(ttft_s=ttft_s, itl_s=itl_s)
     with synthetic_server_subprocess(config) as (_proc, url):
-        try:
-            import uvloop
-
-            ttfts, counted, seconds = uvloop.run(_lean_step(url, tokens, concurrency, rounds))
-        except ImportError:
-            import asyncio
-
-            ttfts, counted, seconds = asyncio.run(_lean_step(url, tokens, concurrency, rounds))
+        ttfts, counted, seconds = run_on_loop(_lean_step(url, tokens, concurrency, rounds))
     q = statistics.quantiles(ttfts, n=100)
-    return q[49], q[94], counted / seconds / (concurrency * tokens / (ttft_s + (tokens - 1) * itl_s))
+    return q[49], q[94], counted / seconds / _ideal(ttft_s, itl_s, tokens, concurrency)
 
 
 def _print_lean(ttft_s: float, itl_s: float, tokens: int, concurrency: int, rounds: int) -> None:

@@ -184,6 +184,9 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, total_bytes: 
     for t in threads:
         t.start()
     try:
+        if progress is None:  # nothing to report: wait for the workers, not wake at each file they finish
+            for t in threads:
+                t.join()
         reported = (0, 0)
         while any(t.is_alive() for t in threads):
             copier.changed.wait(0.5)

@@ -65,7 +65,6 @@ _STATS = {
 }
 
 
-
 @dataclass
 class RsyncStats:
     files: int = 0

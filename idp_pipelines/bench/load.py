@@ -32,6 +32,7 @@ __all__ = [
     "run_step",
     "run_steps",
     "run_benchmark",
+    "run_on_loop",
 ]
 
 ProgressCallback = Callable[[str, int, int], None]  # (step, done, total)
@@ -290,7 +291,11 @@ def run_benchmark(
     Uses uvloop when installed and ``use_uvloop`` is not False: it halves the client's
     event-loop cost per chunk, which keeps the client from inflating what it measures.
     """
-    coro = run_steps(endpoint, workload, steps, progress, scrape)
+    return run_on_loop(run_steps(endpoint, workload, steps, progress, scrape), use_uvloop)
+
+
+def run_on_loop(coro, use_uvloop: bool | None = None):
+    """Run `coro` to its end on uvloop when installed and ``use_uvloop`` is not False, else asyncio's loop."""
     if use_uvloop is not False:
         try:
             import uvloop

@@ -70,6 +70,9 @@ def _http_chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+_END = _http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n"  # the last event and the end of the chunked body
+
+
 class _State:
     def __init__(self, config: SyntheticConfig) -> None:
         self.config = config
@@ -300,8 +303,7 @@ async def _stream(
         for i in range(n_chunks):
             if config.error_every and number % config.error_every == 0 and i == fail_at:
                 err = _error_body("injected mid-stream failure", "server_error", 500)
-                writer.write(_http_chunk(b"data: " + err + b"\n\n"))
-                writer.write(_http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+                writer.write(_http_chunk(b"data: " + err + b"\n\n") + _END)
                 return True
             if config.drop_every and number % config.drop_every == 0 and i == fail_at:
                 # drain() returns at once below the high-water mark, and abort() discards what is still
@@ -343,7 +345,7 @@ async def _stream(
             final = {"id": f"x-{number}", "object": obj, "created": 0, "model": "synthetic",
                      "choices": [], "usage": usage}
             out += _http_chunk(b"data: " + json.dumps(final).encode() + b"\n\n")
-        writer.write(out + _http_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        writer.write(out + _END)
         return True
     finally:
         state.running -= 1
