@@ -233,7 +233,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     to_copy: dict[str, int] = {}
     to_send: dict[str, list[str]] = {}
     changes = 0
-    for label, src, dest, ld in jobs:
+    for label, src, dest, _link_dest in jobs:
         against = f"{previous}/{label}/" if previous and resumed is None else dest
         dry = run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True, dry_run=True)
                         + [src, target.remote(against)], label=f"{label} (dry run)")
