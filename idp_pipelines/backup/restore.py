@@ -38,7 +38,7 @@ class RestoreResult:
 
 
 def _rsync_base(target: Target, *, reports: bool = True) -> list[str]:
-    argv = ["rsync", "-a"] + (["--no-inc-recursive", "--info=progress2", "--stats"] if reports else [])
+    argv = ["rsync", "-a", "--sparse"] + (["--no-inc-recursive", "--info=progress2", "--stats"] if reports else [])
     return argv + (["-e", shlex.join(target.ssh_argv())] if target.is_ssh else [])
 
 

@@ -8,9 +8,9 @@ this host (a local disk or a mounted share, with no `--bwlimit`), the files rsyn
 would send are copied here first by two threads with `copy_file_range` (in-kernel; between two folders
 of one btrfs/XFS filesystem a reflink, whose blocks the cache shares: no second physical copy on that
 disk), or `sendfile` where the kernel refuses the pair (a local cache to an NFS or FUSE target),
-keeping owner, mode and modification time. rsync then runs as always and finds them up to date: it
-still decides what the snapshot holds (filters, hard links to the previous snapshot, symlinks,
-deletions, ownership), and anything not copied here is copied by rsync.
+keeping owner, mode, modification time and holes (only the data segments are copied). rsync then runs
+as always and finds them up to date: it still decides what the snapshot holds (filters, hard links to
+the previous snapshot, symlinks, deletions, ownership), and anything not copied here is copied by rsync.
 
 Safe to kill: a file is written as `.<name>.idp-seed` beside its place and renamed once whole, with the
 cache's mode and time set. A file under its final name is always a whole copy: rsync compares times to
@@ -132,24 +132,52 @@ class _Copier:
         return None
 
     def copy_bytes(self, fin: int, fout: int, size: int) -> int:
+        """How much of the file's `size` is done: its data copied, its holes left holes (as `cp` does), so a
+        sparse file costs the target what it costs the cache. Less than `size` when the source is shorter
+        than it was or a stop came. A dense file costs two lseek calls more than a plain copy."""
+        pos = 0  # of both files: fout's position follows the data written
+        while pos < size:
+            try:
+                data = os.lseek(fin, pos, os.SEEK_DATA)
+                end = min(os.lseek(fin, data, os.SEEK_HOLE), size)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # no data after pos: the rest is a hole (a source that shrank
+                    break                     # fails the caller's size and ctime check instead)
+                data, end = pos, size  # no hole support on this filesystem: the rest is data
+            if data >= size:
+                break
+            if data != pos:
+                os.lseek(fout, data, os.SEEK_SET)  # skip the hole: nothing written, nothing allocated
+            got = self.copy_range(fin, fout, data, end - data)
+            if got < end - data:
+                return data + got
+            pos = end
+        if pos < size:
+            if self.stop.is_set():
+                return pos
+            os.ftruncate(fout, size)  # a trailing hole: the length without writing it
+        return size
+
+    def copy_range(self, fin: int, fout: int, offset: int, size: int) -> int:
+        """Copy `size` bytes of fin from `offset` to fout's position; fewer when the source ends first or a
+        stop came."""
         copied = 0
         while copied < size and not self.stop.is_set():
             want = min(size - copied, CHUNK)
             if self.use_cfr:
                 try:
-                    n = os.copy_file_range(fin, fout, want)
+                    n = os.copy_file_range(fin, fout, want, offset + copied)
                 except OSError as exc:
                     if exc.errno not in _NO_CFR or copied:
                         raise
                     self.use_cfr = False
                     continue
             else:
-                n = os.sendfile(fout, fin, None, want)
+                n = os.sendfile(fout, fin, offset + copied, want)
             if n == 0:  # the source is shorter than it was
                 break
             copied += n
         return copied
-
 
 def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, total_bytes: int = 0,
          progress: Progress | None = None, label: str = "", workers: int = 2) -> Seeded:

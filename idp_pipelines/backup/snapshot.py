@@ -115,7 +115,8 @@ def snapshot_time(name: str) -> datetime:
 def rsync_argv(target: Target, *, filters: list[str], link_dest: str | None, delete: bool,
                dry_run: bool = False) -> list[str]:
     # -a keeps symlinks as symlinks, times and modes; rsync ignores CACHEDIR.TAG, and no option here honours it.
-    argv = ["rsync", "-a", "--no-inc-recursive", "--info=progress2", "--stats"]
+    # --sparse: runs of zeros land as holes, so a sparse file does not fill the target with zeros.
+    argv = ["rsync", "-a", "--sparse", "--no-inc-recursive", "--info=progress2", "--stats"]
     if dry_run:
         # folder times are not content: a restaged state folder must not count as a change
         argv += ["--dry-run", "--itemize-changes", "--omit-dir-times"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from idp_pipelines.backup import BackupError, Target
 from idp_pipelines.backup.retention import plan_retention
+from idp_pipelines.backup.seed import seed
 from idp_pipelines.backup.snapshot import make_snapshot, snapshot_name
 from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
 from tests.backup.conftest import SPARSE_BYTES, make_cache, tree
@@ -39,7 +41,11 @@ def test_first_snapshot_is_the_cache_with_links_kept_and_work_files_left_out(cac
     # content, modes and modification times as in the cache
     for rel in (cache.blob_lfs, cache.blob_git, *cache.gguf, ".locks/idp-verified.json"):
         assert got[rel] == src[rel], rel
-    assert (snap / "gguf/tiny" / cache.sha[:12] / "tiny.F16.gguf").stat().st_size == SPARSE_BYTES
+    # the sparse GGUF file: whole, and as sparse on the target as in the cache (not 64 MB of zeros)
+    sparse = Path("gguf/tiny") / cache.sha[:12] / "tiny.F16.gguf"
+    assert got[str(sparse)] == src[str(sparse)] and (snap / sparse).stat().st_size == SPARSE_BYTES
+    assert (cache.path / sparse).stat().st_blocks * 512 < 1 << 20, "the test's file should be sparse"
+    assert (snap / sparse).stat().st_blocks * 512 < 1 << 20
     # never: a work file in progress, huggingface_hub's download locks
     left_out = {rel for rel in src if rel not in got}
     locks = {rel for rel in left_out if rel.startswith(".locks/models--lab--tiny-model/") and rel.endswith(".lock")}
@@ -275,3 +281,33 @@ def test_never_two_backups_at_once(cache, target, tmp_path):
     assert str(err.value).startswith(f"Waited 0 s for the backup lock {lock}, held by cache_backup run 1234 (pid ")
     assert str(err.value).endswith("Fix: only one backup runs at a time; let the running one finish.")
     assert target.snapshots() == []
+
+
+@pytest.mark.parametrize("kernel_call", ["copy_file_range", "sendfile"])
+def test_the_kernel_copy_keeps_holes_where_the_cache_has_them(tmp_path, monkeypatch, kernel_call):
+    if kernel_call == "sendfile":  # what a local cache to an NFS or FUSE target gets: copy_file_range refused
+        def refused(*_a, **_k):
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+        monkeypatch.setattr(os, "copy_file_range", refused)
+    src, dest = tmp_path / "cache", tmp_path / "nas"
+    src.mkdir()
+    mb = 1 << 20
+    layouts = {  # name -> (offset, bytes) written into an 8 MB file; the rest is holes
+        "trailing-hole.gguf": [(0, b"GGUF")],
+        "all-hole.gguf": [],
+        "holes-between.gguf": [(0, b"GGUF"), (4 * mb, os.urandom(70_000)), (8 * mb - 4, b"tail")],
+    }
+    for name, parts in layouts.items():
+        with (src / name).open("wb") as f:
+            for offset, data in parts:
+                f.seek(offset)
+                f.write(data)
+            f.truncate(8 * mb)
+    (src / "dense.gguf").write_bytes(os.urandom(mb))
+    result = seed(src, dest, sorted(p.name for p in src.iterdir()))
+    assert result.files == 4 and result.left == 0 and result.bytes == 3 * 8 * mb + mb
+    for p in src.iterdir():
+        copy = dest / p.name
+        assert copy.read_bytes() == p.read_bytes() and copy.stat().st_mtime_ns == p.stat().st_mtime_ns, p.name
+        assert copy.stat().st_blocks <= p.stat().st_blocks + 64, p.name  # no hole filled with zeros
+    assert (dest / "all-hole.gguf").stat().st_blocks * 512 < 64 * 1024

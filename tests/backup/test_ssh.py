@@ -30,6 +30,9 @@ def test_snapshot_verification_and_drill_over_ssh(cache, sshd, tmp_path):
     assert first.kernel_copied == 0  # over SSH rsync sends every byte
     snap = far / first.name / "cache"
     assert (snap / cache.snapshot_link).is_symlink()  # written by rsync over SSH, link kept
+    sparse = next(p for p in cache.gguf if p.endswith("F16.gguf"))  # 64 MB apparent, a few blocks of data
+    assert (snap / sparse).read_bytes() == (cache.path / sparse).read_bytes()
+    assert (snap / sparse).stat().st_blocks * 512 < 1 << 20  # rsync --sparse: holes stay holes over SSH too
     same = make_snapshot(cache.path, target, lock_path=tmp_path / "lock")
     assert same.unchanged and same.name == first.name  # nothing changed: no new snapshot
     (cache.path / "gguf" / "new.gguf").write_bytes(b"GGUF" + bytes(4000))
