@@ -179,6 +179,7 @@ class _Copier:
             copied += n
         return copied
 
+
 def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, total_bytes: int = 0,
          progress: Progress | None = None, label: str = "", workers: int = 2) -> Seeded:
     """Copy `paths` (relative to both roots; regular files) from `src_root` to `dest_root`.

@@ -128,7 +128,7 @@ def test_the_whole_cache_restored_loads_the_model_offline(cache, target, snapsho
     assert Path(path).read_bytes() == (cache.path / cache.snapshot_link).read_bytes()
     sparse = next(p for p in cache.gguf if p.endswith("F16.gguf"))
     assert (dest / sparse).read_bytes() == (cache.path / sparse).read_bytes()
-    assert (dest / sparse).stat().st_blocks * 512 < 1 << 20  # the restored sparse file is sparse again
+    assert (dest / sparse).stat().st_blocks <= (cache.path / sparse).stat().st_blocks + 64  # sparse again
     # the verified record came back with the blobs' times: no re-hash of the whole cache after a restore
     record = json.loads((dest / ".locks" / "idp-verified.json").read_text())["blobs"]
     for rel, (size, mtime_ns, *_rest) in record.items():
