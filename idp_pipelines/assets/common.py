@@ -11,11 +11,23 @@ from idp_pipelines.checks import Judgement
 # Downstream of partitioned assets some partitions may never be materialised (an endpoint that is off,
 # a model not downloaded yet): eager() would wait for them forever, so follow any update of a
 # dependency instead, still never while one is in progress.
+#
+# And one case eager() drops: its automation sensor sees updates once a tick (30 s), and when a dependency
+# and this asset both updated since the last tick, it counts this asset's update as having handled the
+# dependency's (dagster-io/dagster#24650). That is wrong when this asset's run read its inputs before the
+# dependency landed: the second of two benchmarks finishing while the first one's MLflow sync was ending
+# never reached MLflow. Run once more in that case; the assets that follow updates are idempotent (a sync,
+# a note, a rendered config), so the cost of a run that was not needed is that run.
+_BOTH_UPDATED = (
+    dg.AutomationCondition.any_deps_updated()
+    & dg.AutomationCondition.newly_updated()
+    & ~dg.AutomationCondition.any_deps_in_progress()
+    & ~dg.AutomationCondition.in_progress()
+).with_label("a dependency and this asset both updated since the last tick")
 FOLLOW_UPDATES = (
-    dg.AutomationCondition.eager()
-    .without(~dg.AutomationCondition.any_deps_missing())
-    .with_label("eager, even with upstream partitions missing")
-)
+    dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
+    | _BOTH_UPDATED
+).with_label("eager, even with upstream partitions missing, and once more after a race")
 
 
 def check_result(j: Judgement, **metadata: Any) -> dg.AssetCheckResult:
