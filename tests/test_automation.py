@@ -189,7 +189,7 @@ def test_a_benchmark_run_is_followed_by_tuning_findings_mlflow_and_its_note(lab)
     # What the owner then finds for that benchmark: the recommendation, the verdicts, the MLflow run, the
     # run's note. Waited for, not read once: when another benchmark of the lab (its sensors measure too)
     # ended while these followers were ending, the followers' materialisations above may be of the run
-    # before, and the daemon runs them once more at its next tick (assets/common.py, FOLLOW_UPDATES).
+    # before, and the daemon runs them again for this one (assets/common.py, FOLLOW_UPDATES).
     tuning = lab.home / "reports" / "benchmark_tuning.json"
     _wait("the tuning recommendation from the benchmark",
           lambda: tuning.exists() and "local-llamacpp" in tuning.read_text() and run_id in tuning.read_text())

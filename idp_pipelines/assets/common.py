@@ -12,22 +12,25 @@ from idp_pipelines.checks import Judgement
 # a model not downloaded yet): eager() would wait for them forever, so follow any update of a
 # dependency instead, still never while one is in progress.
 #
-# And one case eager() drops: its automation sensor sees updates once a tick (30 s), and when a dependency
-# and this asset both updated since the last tick, it counts this asset's update as having handled the
-# dependency's (dagster-io/dagster#24650). That is wrong when this asset's run read its inputs before the
-# dependency landed: the second of two benchmarks finishing while the first one's MLflow sync was ending
-# never reached MLflow. Run once more in that case; the assets that follow updates are idempotent (a sync,
-# a note, a rendered config), so the cost of a run that was not needed is that run.
-_BOTH_UPDATED = (
-    dg.AutomationCondition.any_deps_updated()
-    & dg.AutomationCondition.newly_updated()
-    & ~dg.AutomationCondition.any_deps_in_progress()
-    & ~dg.AutomationCondition.in_progress()
-).with_label("a dependency and this asset both updated since the last tick")
+# And not eager()'s idea of "handled". eager() counts this asset's own update as having handled every
+# dependency update its sensor (one tick every 30 s) has seen, which is wrong when this asset's run read its
+# inputs before the dependency landed (dagster-io/dagster#24650): a benchmark that ended while the previous
+# benchmark's MLflow sync was still running never reached MLflow. Here a run the automation launched
+# handles what its request saw: the request resets, unless a dependency landed since the tick before it,
+# and that run's own update resets nothing. An update from any other run (a backfill, `make up`'s main
+# job, a click in the UI) handles everything, as in eager(), so no run follows a backfill twice.
+_AC = dg.AutomationCondition
+_LAUNCHED_BY_AUTOMATION = _AC.executed_with_tags(tag_keys={"dagster/from_automation_condition"})
+_HANDLED = (
+    (_AC.newly_requested() & ~_AC.any_deps_updated())
+    | (_AC.newly_updated() & ~_LAUNCHED_BY_AUTOMATION)
+    | _AC.initial_evaluation()
+).with_label("handled: requested with nothing new since, or updated by a run automation did not launch")
 FOLLOW_UPDATES = (
-    dg.AutomationCondition.eager().without(~dg.AutomationCondition.any_deps_missing())
-    | _BOTH_UPDATED
-).with_label("eager, even with upstream partitions missing, and once more after a race")
+    (_AC.newly_missing() | _AC.any_deps_updated()).since(_HANDLED)
+    & ~_AC.any_deps_in_progress()
+    & ~_AC.in_progress()
+).with_label("a dependency updated since this asset last handled one, even with upstream partitions missing")
 
 
 def check_result(j: Judgement, **metadata: Any) -> dg.AssetCheckResult:
