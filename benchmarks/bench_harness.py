@@ -195,14 +195,16 @@ def _tail_apart(step, stamps: dict, ttft_s: float) -> None:
     # requests are alike: the workers start together and stay in step for a while (a round's sends, first
     # tokens and ends all fall in the same few milliseconds on the same two cores), then drift apart.
     c = step.load.concurrency
-    by_id = sorted((r for r in step.records if r.ok), key=lambda r: r.request_id)
-    rounds = [g for g in (by_id[i:i + c] for i in range(0, len(by_id), c)) if len(g) == c]
-    if len(rounds) >= 2:
+    # (chunked before failed requests are left out, so one error does not shift every later round)
+    by_id = sorted(step.records, key=lambda r: r.request_id)
+    rounds = [[r for r in g if r.ok] for g in (by_id[i:i + c] for i in range(0, len(by_id), c)) if len(g) == c]
+    if len(rounds) >= 2 and rounds[0] and rounds[-1]:
         def spread(g) -> float:
             return (max(r.t_sent for r in g) - min(r.t_sent for r in g)) * 1000
 
         def ttft50(g) -> float:
             return statistics.median((r.t_first_token - r.t_sent) * 1000 for r in g)
+
         print(f"    rounds of {c} requests: their sends spread over {spread(rounds[0]):.1f} ms in the first, "
               f"{spread(rounds[-1]):.1f} ms in the last (of {len(rounds)}); TTFT p50 {ttft50(rounds[0]):.2f} ms "
               f"in the first, {ttft50(rounds[-1]):.2f} ms in the last")
