@@ -43,7 +43,7 @@ def run(home: Path) -> None:
     from idp_pipelines.lab import load_lab
     from tests.deploy.conftest import lab_with
     from tests.deploy_apply.test_deploy_job import HOST, render_stand_in
-    from tests.support_docker import busybox_image, docker_engine, httpd_service
+    from tests.support_docker import busybox_image, docker_engine
 
     with tempfile.TemporaryDirectory(prefix="idpb-", dir="/tmp") as root, docker_engine(Path(root) / "e") as engine:
         client = engine.client()

@@ -119,7 +119,7 @@ def build(inventory: Lab) -> dg.Definitions:
                 "resumed": result.resumed or "",
                 "files": dg.MetadataValue.int(result.files),
                 "files_sent": dg.MetadataValue.int(result.files_sent),
-                "files_copied_by_kernel": dg.MetadataValue.int(result.kernel_copied),
+                "files_copied_by_cp": dg.MetadataValue.int(result.cp_copied),
                 "bytes_sent": dg.MetadataValue.int(result.bytes_sent),
                 "seconds": dg.MetadataValue.float(round(result.seconds, 3)),
                 "mb_per_s": dg.MetadataValue.float(round(result.mb_per_s, 1)),

@@ -33,7 +33,7 @@ def longest_gap(cron: str, *, start: datetime | None = None, days: int = 62) -> 
     fields = cron.split()
     if len(fields) != 5:
         raise ValueError(f"{cron!r} is not a 5-field cron expression. Fix: e.g. '0 4 * * *'.")
-    minutes, hours, dom, months, dow = (_field(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES))
+    minutes, hours, dom, months, dow = (_field(f, lo, hi) for f, (lo, hi) in zip(fields, _RANGES, strict=True))
     dow = {d % 7 for d in dow}
     any_dom, any_dow = fields[2] == "*", fields[4] == "*"
     day = (start or datetime(2026, 1, 1, tzinfo=timezone.utc)).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -47,7 +47,7 @@ def longest_gap(cron: str, *, start: datetime | None = None, days: int = 62) -> 
         day += timedelta(days=1)
     if len(fires) < 2:
         return timedelta(days=days)
-    return max(b - a for a, b in zip(fires, fires[1:]))
+    return max(b - a for a, b in zip(fires, fires[1:], strict=False))
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,11 @@ def is_content(rel: str) -> bool:
     return parts[0] in ("blobs", "gguf") or (len(parts) > 2 and parts[1] == "blobs")
 
 
+def is_content_dir(rel: str) -> bool:
+    """A folder CONTENT_DONE leaves out: `<repo>/blobs`, `blobs`, `gguf` or one below them."""
+    return is_content(f"{rel}/-")
+
+
 _PROGRESS = re.compile(rb"^\s*([\d,]+)\s+(\d+)%\s+(\S+/s)\s+(\d+:\d\d:\d\d)")
 _STATS = {
     "files": re.compile(r"^Number of files: ([\d,]+)", re.M),
@@ -73,6 +78,8 @@ class RsyncStats:
     bytes_sent: int = 0
     changes: int = 0  # itemized entries (with --itemize-changes)
     to_send: list[str] = field(default_factory=list)  # regular files a dry run would send, relative paths
+    new_dirs: list[str] = field(default_factory=list)  # folders a dry run would create, relative paths
+    others: list[str] = field(default_factory=list)  # any other itemized entry (a symlink: with its " -> target")
 
     def add(self, other: RsyncStats) -> None:
         for k in ("files_sent", "bytes_sent"):
@@ -97,7 +104,7 @@ class SnapshotResult:
     deleted: list[str] = field(default_factory=list)
     kept: list[str] = field(default_factory=list)
     unchanged: bool = False  # nothing changed since `name`, which stays the newest snapshot
-    kernel_copied: int = 0  # of files_sent, those the kernel copied before rsync ran (backup/seed.py)
+    cp_copied: int = 0  # of files_sent, those cp copied before rsync ran (backup/seed.py)
 
     @property
     def mb_per_s(self) -> float:
@@ -147,6 +154,8 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
         tail = bytearray()
         items = 0
         sent: list[str] = []
+        dirs: list[str] = []
+        others: list[str] = []
         buf = b""
         while chunk := proc.stdout.read1(65536):
             buf += chunk
@@ -161,7 +170,11 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
                 elif _ITEM.match(line):
                     items += 1
                     if line.startswith(b">f"):
-                        sent.append(os.fsdecode(_ESCAPE.sub(lambda e: bytes([int(e[1], 8)]), line[12:])))
+                        sent.append(_name(line))
+                    elif line.startswith(b"cd+++++++++"):
+                        dirs.append(_name(line).rstrip("/"))
+                    else:
+                        others.append(_name(line))
                 elif not m:
                     tail += line + b"\n"
         tail += buf
@@ -172,11 +185,16 @@ def run_rsync(argv: list[str], *, progress: Progress | None = None, label: str =
     # 24: files vanished while rsync ran (a download finished, a temp file renamed): the rest is complete
     if code not in (0, 24):
         raise BackupError(f"rsync {label} failed (exit {code}): {stderr[-2000:] or text[-2000:]}")
-    stats = RsyncStats(changes=items, to_send=sent)
+    stats = RsyncStats(changes=items, to_send=sent, new_dirs=dirs, others=others)
     for key, rx in _STATS.items():
         if m := rx.search(text):
             setattr(stats, key, int(m[1].replace(",", "")))
     return stats
+
+
+def _name(line: bytes) -> str:
+    """The path of an itemized file or folder line (`%i %n%L`: `%L`, a link's target, is empty for these)."""
+    return os.fsdecode(_ESCAPE.sub(lambda e: bytes([int(e[1], 8)]), line[12:]))
 
 
 def make_snapshot(cache_dir: Path, target: Target, *, lock_path: Path, margin_bytes: int = 0,
@@ -233,6 +251,8 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     # whether anything changed at all: if nothing did, the newest snapshot already is today's.
     to_copy: dict[str, int] = {}
     to_send: dict[str, list[str]] = {}
+    new_dirs: dict[str, list[str]] = {}
+    content_others: dict[str, bool] = {}
     changes = 0
     for label, src, dest, _link_dest in jobs:
         against = f"{previous}/{label}/" if previous and resumed is None else dest
@@ -240,6 +260,8 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
                         + [src, target.remote(against)], label=f"{label} (dry run)")
         to_copy[label] = dry.bytes_sent
         to_send[label] = dry.to_send
+        new_dirs[label] = dry.new_dirs
+        content_others[label] = any(is_content(p) for p in dry.others)
         changes += dry.changes
     if previous and resumed is None and changes == 0:
         log(f"nothing changed since snapshot {previous}: it stays the newest (no new snapshot made)")
@@ -256,33 +278,46 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         + (f", unchanged files linked to {previous}" if previous else " (the first snapshot: a full copy)"))
     target.sh('mkdir -p "$1/cache" "$1/state"', target.join(partial), what="creating the snapshot folder")
 
-    # A folder here without a bandwidth limit: the kernel copies the new files first (backup/seed.py), rsync
-    # then finds them up to date. Only against a dry run that compared with the newest complete snapshot:
+    # A folder here without a bandwidth limit: cp copies the new files first (backup/seed.py), rsync then
+    # finds them up to date. Only against a dry run that compared with the newest complete snapshot:
     # continuing a .partial, the dry run did not see which files rsync will hard-link instead.
-    kernel_copy = not target.is_ssh and not target.bwlimit_kib_s and resumed is None
+    cp_first = not target.is_ssh and not target.bwlimit_kib_s and resumed is None
+    # The first snapshot, into an empty .partial: nothing to link to and nothing to delete, so once cp has
+    # copied every content file and folder the dry run listed (the folders with the cache's owner, mode and
+    # time), rsync's pass leaves the content folders out instead of walking 10 000s of files it would find
+    # up to date. Not when the content holds anything else (a symlink into a shared store): rsync makes it.
+    # A later snapshot's pass walks the content: that is where it hard-links the unchanged files.
+    fresh = cp_first and previous is None
     stats = RsyncStats()
-    kernel_copied = 0
+    cp_copied = 0
     for label, src, dest, ld in jobs:
         # progress over the whole job (both passes of the cache), against what the dry run said to copy
-        total, base = to_copy[label], [0]  # bytes of this job done by earlier steps (kernel copy, passes)
+        total, base = to_copy[label], [0]  # bytes of this job done by earlier steps (cp, passes)
 
         def report(done: int, _total: int, message: str, total=total, base=base) -> None:
             if progress is not None:
-                # below the total until the job says "copied": rsync confirming what the kernel copied is not
+                # below the total until the job says "copied": rsync confirming what cp copied is not
                 # a finished copy, and a report at the total is logged as the last one
                 progress(min(base[0] + done, max(total - 1, 0)), total, message)
 
         passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
             if label == "cache" else [(label, EXCLUDES)]
         content = [p for p in to_send[label] if is_content(p)] if label == "cache" else []
-        if kernel_copy and content:
-            seeded = seed(Path(src), Path(target.join(dest)), content, total_bytes=total, progress=report,
-                          label=f"{label}: copying")
+        if cp_first and content:
+            shortcut = fresh and not content_others[label]
+            dirs = [d for d in new_dirs[label] if is_content_dir(d)] if shortcut else []
+            seeded = seed(Path(src), Path(target.join(dest)), content, dirs=dirs, total_bytes=total,
+                          progress=report, label=f"{label}: copying")
             stats.files_sent += seeded.files
-            kernel_copied += seeded.files
+            cp_copied += seeded.files
             stats.bytes_sent += seeded.bytes
             base[0] += seeded.bytes
-            if not seeded.left:  # all new content is in place: no symlink can point at a missing blob
+            if seeded.left:
+                log(f"{label}: {seeded.left:,} files not copied by cp, left to rsync"
+                    + (f" (first complaint: {seeded.error})" if seeded.error else ""))
+            elif shortcut:  # all content is in place, the folders finished: rsync makes the rest
+                passes = [(label, EXCLUDES + CONTENT_DONE)]
+            else:  # all new content is in place: no symlink can point at a missing blob
                 passes = [(label, EXCLUDES)]
         for what, filters in passes:
             # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
@@ -318,7 +353,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         own_bytes=sum(e.size for e in files if e.links == 1), apparent_bytes=sum(e.size for e in files),
         free_before=free, needed=needed, state=sorted(p.name for p in state_dir.iterdir() if p.is_dir())
         if state_dir is not None and state_dir.is_dir() else [],
-        deleted=delete, kept=keep, kernel_copied=kernel_copied)
+        deleted=delete, kept=keep, cp_copied=cp_copied)
 
 
 def _unchanged(target: Target, name: str, complete: list[str], keep_daily: int, keep_weekly: int, seconds: float,

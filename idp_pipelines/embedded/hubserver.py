@@ -639,7 +639,6 @@ def main(argv: list[str] | None = None) -> int:
     """Serve directories as Hub repos until SIGTERM/SIGINT: the embedded lab's stand-in for the Hub."""
     import argparse
     import signal
-    import sys
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("--port", type=int, required=True)

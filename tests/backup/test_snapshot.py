@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import errno
+import contextlib
 import os
 import signal
 import subprocess
@@ -18,7 +18,7 @@ from idp_pipelines.backup import BackupError, Target
 from idp_pipelines.backup.retention import plan_retention
 from idp_pipelines.backup import seed as seed_module
 from idp_pipelines.backup.seed import seed
-from idp_pipelines.backup.snapshot import make_snapshot, snapshot_name
+from idp_pipelines.backup.snapshot import EXCLUDES, make_snapshot, snapshot_name
 from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
 from tests.backup.conftest import SPARSE_BYTES, make_cache, tree
 
@@ -28,9 +28,15 @@ def _snap(cache, target, tmp_path, **kw):
 
 
 def test_first_snapshot_is_the_cache_with_links_kept_and_work_files_left_out(cache, target, tmp_path):
-    # a name rsync escapes in its list of files (space, newline, a byte that is not UTF-8): still kernel-copied
+    # a name rsync escapes in its list of files (space, newline, a byte that is not UTF-8): still copied by cp
     odd = cache.path / "gguf" / "tiny" / os.fsdecode(b"odd name\n\xff.gguf")
     odd.write_bytes(os.urandom(3000))
+    (cache.path / "gguf" / "empty").mkdir()  # an empty content folder is in the snapshot too
+    # content folders with a mode and an old time of their own: cp fills them, so the backup sets both
+    old = time.time() - 86_400
+    for d in [p for p in cache.path.rglob("*") if p.is_dir() and not p.is_symlink()] + [cache.path]:
+        os.utime(d, (old, old))
+    os.chmod(cache.path / "gguf" / "tiny", 0o750)
     src = tree(cache.path)
     result = _snap(cache, target, tmp_path)
     assert target.snapshots() == [result.name] and result.previous is None
@@ -55,10 +61,33 @@ def test_first_snapshot_is_the_cache_with_links_kept_and_work_files_left_out(cac
     assert coverage(cache_content(cache.path), snapshot_files(target, result.name)) == []
     assert result.files_sent == len([r for r in got if got[r][0] == "f"]) and result.own_bytes == result.apparent_bytes
     assert result.bytes_sent == result.apparent_bytes and not list(Path(target.path).glob("*.partial"))
-    # a folder on this host: the kernel copied the content (backup/seed.py), rsync found it up to date and
-    # copied the rest (refs, the verified record)
+    # a folder on this host: cp copied the content (backup/seed.py), rsync made the rest (refs, the verified
+    # record, the symlinks); no staging folder is left
     content = [r for r in got if got[r][0] == "f" and ("/blobs/" in r or r.startswith("gguf/"))]
-    assert result.kernel_copied == len(content) and result.files_sent > len(content)
+    assert result.cp_copied == len(content) and result.files_sent > len(content)
+    assert not [r for r in got if ".idp-seed" in r]
+    # what rsync alone would have made: it finds nothing to change (folder modes and times included)
+    assert _rsync_would_change(cache.path, snap) == []
+
+
+def _rsync_would_change(cache_dir: Path, snap: Path) -> list[str]:
+    """What `rsync -a` with the backup's filters would still create, change or delete in `snap` (times of
+    folders included: no --omit-dir-times)."""
+    out = subprocess.run(["rsync", "-a", "--delete", "--dry-run", "--itemize-changes",
+                          *(f"--filter={rule}" for rule in EXCLUDES), f"{cache_dir}/", f"{snap}/"],
+                         capture_output=True, check=True).stdout
+    return [line for line in os.fsdecode(out).splitlines() if line.strip()]
+
+
+def test_a_symlink_among_the_content_is_in_the_first_snapshot(cache, target, tmp_path):
+    """cp copies only the content's files; anything else there (a blob kept in a shared store and linked)
+    is left to rsync's pass over the content, which is then not skipped."""
+    out = cache.path / "gguf" / "tiny" / cache.sha[:12]
+    (out / "latest.gguf").symlink_to("tiny.Q8_0.gguf")
+    result = _snap(cache, target, tmp_path)
+    snap = Path(target.path) / result.name / "cache"
+    assert os.readlink(snap / out.relative_to(cache.path) / "latest.gguf") == "tiny.Q8_0.gguf"
+    assert result.cp_copied > 0 and _rsync_would_change(cache.path, snap) == []
 
 
 def test_a_second_snapshot_links_unchanged_files_and_copies_only_what_is_new(hub, cache, target, tmp_path):
@@ -67,7 +96,7 @@ def test_a_second_snapshot_links_unchanged_files_and_copies_only_what_is_new(hub
     new.write_bytes(os.urandom(50_000))
     second = _snap(cache, target, tmp_path, now=datetime(2026, 11, 2, 4, tzinfo=timezone.utc))
     assert target.snapshots() == [first.name, second.name] and second.previous == first.name
-    assert second.files_sent == 1 and second.bytes_sent == 50_000 and second.kernel_copied == 1
+    assert second.files_sent == 1 and second.bytes_sent == 50_000 and second.cp_copied == 1
     assert second.own_bytes == 50_000 and second.apparent_bytes == first.apparent_bytes + 50_000
     a, b = (Path(target.path) / n / "cache" / cache.blob_lfs for n in (first.name, second.name))
     assert a.stat().st_ino == b.stat().st_ino  # a hard link: the unchanged blob costs an inode, not bytes
@@ -150,64 +179,76 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
 
 
 _KILL_WHILE_COPYING = """
-import os, signal, sys, threading
+import os, sys
 from pathlib import Path
 from idp_pipelines.backup import Target
 from idp_pipelines.backup import seed
 from idp_pipelines.backup.snapshot import make_snapshot
 
-real, lock, big = seed._Copier.copy_bytes, threading.Lock(), []
+seed.BATCH_FILES = 2
+# the third batch: cp copies it, then half of the next file lands beside it and the power goes (SIGKILL of
+# the backup's process, as a power cut would land: while its worker waits for a copy)
+CUT = '"$0" "$@" && f=$(ls "$CACHE_DIR" | sort | tail -n 1) && head -c $(($(stat -c %s "$CACHE_DIR/$f") / 2)) ' \\
+      '"$CACHE_DIR/$f" > "$STAGED/$f" && echo $$ > "$PIDFILE" && kill -KILL $PPID; exec sleep 60'
+calls = []
+real = seed._Copier.copy
 
-def copy_bytes(self, fin, fout, size):
-    if size >= 1 << 20:
-        with lock:
-            big.append(size)
-            third = len(big) == 3
-        if third:  # the third large file: half of its bytes, then the kill, as a power cut would land
-            os.copy_file_range(fin, fout, size // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-    return real(self, fin, fout, size)
+def copy(self, folder, files):
+    calls.append(folder)
+    if len(calls) == 3:
+        os.environ.update(CACHE_DIR=os.path.join(self.src, folder), STAGED=os.path.join(self.dest, seed.STAGING, folder),
+                          PIDFILE=sys.argv[4])
+        seed.CP = ["sh", "-c", CUT, *seed.CP]
+    return real(self, folder, files)
 
-seed._Copier.copy_bytes = copy_bytes
+seed._Copier.copy = copy
 make_snapshot(Path(sys.argv[1]), Target(sys.argv[2]), lock_path=Path(sys.argv[3]))
 """
 
 
-def test_sigkill_while_the_kernel_copies_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_path):
+def test_sigkill_while_cp_copies_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_path):
     cache = make_cache(hub, tmp_path, weights=400_000, sparse_bytes=1024 * 1024)
     extra = cache.path / "gguf" / "tiny" / "many"
     extra.mkdir()
     for i in range(24):
         (extra / f"part-{i:02}.gguf").write_bytes(os.urandom(1024 * 1024 + i))
     target_dir = tmp_path / "nas"
+    pidfile = tmp_path / "cut.pid"
     proc = subprocess.run([sys.executable, "-c", _KILL_WHILE_COPYING, str(cache.path), str(target_dir),
-                           str(tmp_path / "backup.lock")], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
-                          capture_output=True, timeout=300)
+                           str(tmp_path / "backup.lock"), str(pidfile)],
+                          env={**os.environ, "PYTHONPATH": str(Path.cwd())}, capture_output=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    # the copying process (its `sleep 60` after the kill) died with the backup (a parent-death signal)
+    cut_pid = int(pidfile.read_text())
+    with contextlib.suppress(psutil.NoSuchProcess):
+        cut = psutil.Process(cut_pid)
+        gone, alive = psutil.wait_procs([cut], timeout=30)
+        if alive:
+            cut.kill()
+        assert not alive, "the copy went on after the backup was killed"
     (partial,) = [p.name for p in target_dir.iterdir()]
     assert partial.endswith(".partial") and Target(str(target_dir)).snapshots() == []
-    # the file the kill cut short (and any the other thread was writing) lies under a temporary name beside
-    # its place, never under its own name
-    cuts = {p: p.parent / p.name.removeprefix(".").removesuffix(".idp-seed")
-            for p in (target_dir / partial / "cache").rglob("*.idp-seed")}
-    sizes = {p.stat().st_size: (cache.path / o.relative_to(target_dir / partial / "cache")).stat().st_size
-             for p, o in cuts.items()}
-    assert any(cut == full // 2 for cut, full in sizes.items()) and not any(o.exists() for o in cuts.values())
+    # the file the kill cut short lies in the staging folder, never under its own name
+    staged = target_dir / partial / "cache" / ".idp-seed"
+    cuts = [p for p in staged.rglob("*") if p.is_file()]
+    assert any(p.stat().st_size == (extra / p.name).stat().st_size // 2 for p in cuts), cuts
+    assert not any((extra / p.name).exists() and (target_dir / partial / "cache" / p.relative_to(staged)).exists()
+                   and p.stat().st_size < (extra / p.name).stat().st_size for p in cuts)
     # every file under its own name is whole, with the cache's content, mode and time (rsync compares
     # times only to the second: a whole copy with the copying time would pass for up to date)
     src, partial_tree = tree(cache.path), tree(target_dir / partial / "cache")
-    whole = [rel for rel in partial_tree if partial_tree[rel][0] == "f" and not rel.endswith(".idp-seed")]
+    whole = [rel for rel in partial_tree if partial_tree[rel][0] == "f" and not rel.startswith(".idp-seed/")]
     assert whole and all(partial_tree[rel] == src[rel] for rel in whole)
 
     target = Target(str(target_dir))
     result = make_snapshot(cache.path, target, lock_path=tmp_path / "backup.lock")
-    assert result.resumed == partial and result.kernel_copied == 0  # continuing a partial: rsync alone
+    assert result.resumed == partial and result.cp_copied == 0  # continuing a partial: rsync alone
     assert [p.name for p in target_dir.iterdir()] == [result.name]  # one complete snapshot, no partial
     src, got = tree(cache.path), tree(target_dir / result.name / "cache")
     for rel, info in src.items():
         if not rel.endswith((".tmp", ".lock")):
             assert got.get(rel) == info, rel  # nothing lost, nothing half-written, the cut file copied again
-    assert not [rel for rel in got if rel.endswith(".idp-seed")]  # the leftover went with the rerun's --delete
+    assert not [rel for rel in got if ".idp-seed" in rel]  # the leftover went with the rerun's --delete
 
 
 @pytest.fixture
@@ -283,12 +324,7 @@ def test_never_two_backups_at_once(cache, target, tmp_path):
     assert target.snapshots() == []
 
 
-@pytest.mark.parametrize("kernel_call", ["copy_file_range", "sendfile"])
-def test_the_kernel_copy_keeps_holes_where_the_cache_has_them(tmp_path, monkeypatch, kernel_call):
-    if kernel_call == "sendfile":  # what a local cache to an NFS or FUSE target gets: copy_file_range refused
-        def refused(*_a, **_k):
-            raise OSError(errno.EXDEV, "Invalid cross-device link")
-        monkeypatch.setattr(os, "copy_file_range", refused)
+def test_cp_keeps_holes_where_the_cache_has_them(tmp_path):
     src, dest = tmp_path / "cache", tmp_path / "nas"
     src.mkdir()
     mb = 1 << 20
@@ -311,25 +347,33 @@ def test_the_kernel_copy_keeps_holes_where_the_cache_has_them(tmp_path, monkeypa
         assert copy.read_bytes() == p.read_bytes() and copy.stat().st_mtime_ns == p.stat().st_mtime_ns, p.name
         assert copy.stat().st_blocks <= p.stat().st_blocks + 64, p.name  # no hole filled with zeros
     assert (dest / "all-hole.gguf").stat().st_blocks * 512 < 64 * 1024
+    assert sorted(os.listdir(dest)) == sorted([*layouts, "dense.gguf"])  # no staging folder left
 
 
-def test_a_stop_in_the_middle_of_a_file_leaves_it_to_rsync(tmp_path, monkeypatch):
-    """A stop (the run cancelled) between two data segments of a file: never under its name, half copied."""
+def test_a_stop_kills_the_running_copies_and_leaves_no_half_file(tmp_path, monkeypatch):
+    """The run cancelled (here: its progress report raises) while cp copies: the copies stop, nothing half
+    copied is under its name and the staging folder is gone."""
     src, dest = tmp_path / "cache", tmp_path / "nas"
     src.mkdir()
-    mb = 1 << 20
-    with (src / "model.gguf").open("wb") as f:  # three data segments with holes between, ending in data
-        for offset in (0, 2 * mb, 4 * mb - 4096):
-            f.seek(offset)
-            f.write(os.urandom(4096))
-    real = seed_module._Copier.copy_range
+    for i in range(6):
+        (src / f"part-{i}.gguf").write_bytes(os.urandom(100_000 + i))
+    pids, first = tmp_path / "pids", tmp_path / "first"
+    # one batch is copied; every other one hangs in a cp that never ends (a slow NAS), its pid noted
+    monkeypatch.setattr(seed_module, "BATCH_FILES", 1)
+    monkeypatch.setattr(seed_module, "CP", ["sh", "-c", f'if mkdir {first} 2>/dev/null; then exec "$0" "$@"; fi; '
+                                                        f'echo $$ >> {pids}; exec sleep 3600', *seed_module.CP])
 
-    def copy_range(self, fin, fout, offset, size):
-        got = real(self, fin, fout, offset, size)
-        self.stop.set()  # after the first segment
-        return got
+    def progress(done, total, message):  # the run is cancelled once one batch is in and another hangs
+        for _ in range(600):
+            if pids.exists() and pids.read_text().strip():
+                break
+            time.sleep(0.1)
+        raise KeyboardInterrupt("the run was cancelled")
 
-    monkeypatch.setattr(seed_module._Copier, "copy_range", copy_range)
-    result = seed(src, dest, ["model.gguf"])
-    assert (result.files, result.left) == (0, 1)
-    assert list(dest.iterdir()) == []  # neither the file under its name nor its temporary copy
+    with pytest.raises(KeyboardInterrupt):
+        seed(src, dest, sorted(p.name for p in src.iterdir()), progress=progress)
+    hung = [int(pid) for pid in pids.read_text().split()]
+    assert hung and not [pid for pid in hung if psutil.pid_exists(pid)
+                         and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    (copied,) = os.listdir(dest)  # the one whole file, no staging folder
+    assert (dest / copied).read_bytes() == (src / copied).read_bytes()

@@ -27,7 +27,7 @@ def test_snapshot_verification_and_drill_over_ssh(cache, sshd, tmp_path):
 
     first = make_snapshot(cache.path, target, lock_path=tmp_path / "lock", now=datetime(2026, 11, 1, tzinfo=timezone.utc))
     assert first.bytes_sent == first.apparent_bytes and first.files_sent == first.files
-    assert first.kernel_copied == 0  # over SSH rsync sends every byte
+    assert first.cp_copied == 0  # over SSH rsync sends every byte
     snap = far / first.name / "cache"
     assert (snap / cache.snapshot_link).is_symlink()  # written by rsync over SSH, link kept
     sparse = next(p for p in cache.gguf if p.endswith("F16.gguf"))  # 64 MB apparent, a few blocks of data

@@ -63,7 +63,7 @@ def test_the_jetson_serves_its_gguf_with_llama_cpp_and_gets_the_file_synced(schl
     script = (host_dir("jetson-orin") / "sync-models.sh").read_text()
     src = arts[("hub_model", "llama-3.2-1b-q4")].path / "Llama-3.2-1B-Instruct-Q4_K_M.gguf"
     assert "ssh -o BatchMode=yes" in script and " -p 22 " in script and " -l ubuntu " in script
-    assert f"--partial -e '" in script and f"{src} 192.168.1.50:/home/ubuntu/jetson/models/" in script
+    assert "--partial -e '" in script and f"{src} 192.168.1.50:/home/ubuntu/jetson/models/" in script
 
 
 def test_gateway_and_monitoring_files(schlimers, tmp_path):
