@@ -290,6 +290,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     fresh = cp_first and previous is None
     stats = RsyncStats()
     cp_copied = 0
+    skipped_content = False  # the shortcut taken: rsync's pass left the content folders out
     for label, src, dest, ld in jobs:
         # progress over the whole job (both passes of the cache), against what the dry run said to copy
         total, base = to_copy[label], [0]  # bytes of this job done by earlier steps (cp, passes)
@@ -317,6 +318,9 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
                     + (f" (first complaint: {seeded.error})" if seeded.error else ""))
             elif shortcut:  # all content is in place, the folders finished: rsync makes the rest
                 passes = [(label, EXCLUDES + CONTENT_DONE)]
+                skipped_content = True
+                log(f"{label}: cp copied all {seeded.files:,} content files; rsync's pass leaves the content "
+                    "folders out (nothing to link to or delete in a first snapshot)")
             else:  # all new content is in place: no symlink can point at a missing blob
                 passes = [(label, EXCLUDES)]
         for what, filters in passes:
@@ -330,6 +334,15 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
             progress(total, total, f"{label}: copied")
 
     entries = target.listing(partial)
+    if skipped_content and (dangling := _dangling(entries, "cache")):
+        # a download finished while cp copied: its blob came after the dry run, its symlink before rsync's
+        # pass. rsync walks the content too, so the snapshot holds no link to a blob it lacks.
+        log(f"cache: {len(dangling):,} symlinks point at content the dry run did not list (e.g. {dangling[0]}: a "
+            "download finished during the copy); rsync copies the content that came since")
+        stats.add(run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True)
+                            + [f"{cache_dir}/", target.remote(f"{partial}/cache/")], progress=progress,
+                            label="cache (what came during the copy)"))
+        entries = target.listing(partial)
     files = [e for e in entries.values() if e.kind == "f"]
     manifest = {
         "name": name, "created": now.isoformat(timespec="seconds"), "previous": previous,
@@ -354,6 +367,17 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         free_before=free, needed=needed, state=sorted(p.name for p in state_dir.iterdir() if p.is_dir())
         if state_dir is not None and state_dir.is_dir() else [],
         deleted=delete, kept=keep, cp_copied=cp_copied)
+
+
+def _dangling(entries: dict[str, Entry], root: str) -> list[str]:
+    """Symlinks under `root` whose relative target, inside `root`, is not in `entries`."""
+    out = []
+    for e in entries.values():
+        if e.kind == "l" and e.path.startswith(f"{root}/") and not e.link_to.startswith("/"):
+            to = os.path.normpath(os.path.join(os.path.dirname(e.path), e.link_to))
+            if to.startswith(f"{root}/") and to not in entries:
+                out.append(e.path)
+    return out
 
 
 def _unchanged(target: Target, name: str, complete: list[str], keep_daily: int, keep_weekly: int, seconds: float,

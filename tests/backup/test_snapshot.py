@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import subprocess
@@ -38,7 +39,8 @@ def test_first_snapshot_is_the_cache_with_links_kept_and_work_files_left_out(cac
         os.utime(d, (old, old))
     os.chmod(cache.path / "gguf" / "tiny", 0o750)
     src = tree(cache.path)
-    result = _snap(cache, target, tmp_path)
+    logs: list[str] = []
+    result = _snap(cache, target, tmp_path, log=logs.append)
     assert target.snapshots() == [result.name] and result.previous is None
     snap = Path(target.path) / result.name / "cache"
     got = tree(snap)
@@ -66,7 +68,10 @@ def test_first_snapshot_is_the_cache_with_links_kept_and_work_files_left_out(cac
     content = [r for r in got if got[r][0] == "f" and ("/blobs/" in r or r.startswith("gguf/"))]
     assert result.cp_copied == len(content) and result.files_sent > len(content)
     assert not [r for r in got if ".idp-seed" in r]
-    # what rsync alone would have made: it finds nothing to change (folder modes and times included)
+    # rsync's pass left the content folders out (a first snapshot: nothing to link to or delete) ...
+    assert any("rsync's pass leaves the content folders out" in m for m in logs), logs
+    # ... and the snapshot is what rsync alone would have made: it finds nothing to change (folder modes and
+    # times included)
     assert _rsync_would_change(cache.path, snap) == []
 
 
@@ -88,6 +93,78 @@ def test_a_symlink_among_the_content_is_in_the_first_snapshot(cache, target, tmp
     snap = Path(target.path) / result.name / "cache"
     assert os.readlink(snap / out.relative_to(cache.path) / "latest.gguf") == "tiny.Q8_0.gguf"
     assert result.cp_copied > 0 and _rsync_would_change(cache.path, snap) == []
+
+
+def test_a_download_that_finishes_during_the_first_copy_leaves_no_dangling_link(cache, target, tmp_path,
+                                                                              monkeypatch):
+    """A blob that lands after the dry run (not copied by cp) whose symlink rsync's pass then finds: rsync
+    walks the content too, so the first snapshot has the blob its link points at."""
+    import idp_pipelines.backup.snapshot as snapshot_module
+
+    repo = cache.path / cache.blob_lfs.split("/blobs/")[0]
+    data = os.urandom(5000)
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    link = repo / "snapshots" / cache.sha / "late.safetensors"
+    real = snapshot_module.seed
+
+    def seed_while_a_download_finishes(*args, **kwargs):
+        blob.write_bytes(data)  # huggingface_hub: the blob first, then the link
+        link.symlink_to(f"../../blobs/{blob.name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(snapshot_module, "seed", seed_while_a_download_finishes)
+    logs: list[str] = []
+    result = _snap(cache, target, tmp_path, log=logs.append)
+    snap = Path(target.path) / result.name / "cache"
+    rel = link.relative_to(cache.path)
+    assert (snap / rel).read_bytes() == data  # the link resolves, in the snapshot itself
+    assert any("symlinks point at content the dry run did not list" in m for m in logs), logs
+    assert _rsync_would_change(cache.path, snap) == []
+
+
+def test_a_copy_without_the_cache_time_is_never_put_in_place(cache, target, tmp_path, monkeypatch):
+    """A staged copy that does not carry the cache's modification time (here a cp that does not keep it) is
+    never renamed into place: rsync copies those files, and the snapshot is still right."""
+    old = time.time() - 86_400
+    for p in cache.path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.utime(p, (old, old))
+    monkeypatch.setattr(seed_module, "CP", [a for a in seed_module.CP if not a.startswith("--preserve")]
+                        + ["--preserve=mode,ownership"])
+    result = _snap(cache, target, tmp_path)
+    assert result.cp_copied == 0
+    snap = Path(target.path) / result.name / "cache"
+    assert _rsync_would_change(cache.path, snap) == [] and not (snap / ".idp-seed").exists()
+
+
+@pytest.fixture
+def whole_seconds(tmp_path):
+    """A 192 MB ext4 volume with 128-byte inodes, which keep modification times in whole seconds (an ext4
+    made by an old mkfs, ext3): a NAS disk of that kind as the target. Unmounted at teardown."""
+    image, mnt = tmp_path / "ext4-128.img", tmp_path / "old-disk"
+    mnt.mkdir()
+    with image.open("wb") as f:
+        f.truncate(192 * 1024 * 1024)  # the cache's sparse 64 MB file counts whole in the free-space check
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_cp_copies_onto_a_target_that_keeps_whole_seconds(cache, whole_seconds, tmp_path):
+    """The staged copy's time is the cache's truncated to the second: as good as rsync's copy (rsync compares
+    times to the second), so it is put in place, not copied twice."""
+    for p in cache.path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            os.utime(p, ns=(1_700_000_000_123_456_789, 1_700_000_000_123_456_789))
+    target = Target(str(whole_seconds / "backup"))
+    result = _snap(cache, target, tmp_path)
+    snap = Path(target.path) / result.name / "cache"
+    assert (snap / cache.blob_lfs).stat().st_mtime_ns == 1_700_000_000_000_000_000  # the volume keeps seconds
+    content = [r for r, info in tree(snap).items() if info[0] == "f" and ("/blobs/" in r or r.startswith("gguf/"))]
+    assert result.cp_copied == len(content) > 0 and _rsync_would_change(cache.path, snap) == []
 
 
 def test_a_second_snapshot_links_unchanged_files_and_copies_only_what_is_new(hub, cache, target, tmp_path):
