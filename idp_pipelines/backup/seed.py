@@ -10,7 +10,8 @@ between two folders of one btrfs/XFS filesystem a reflink, whose blocks the cach
 read/write where the kernel refuses the pair (a local cache to an NFS or FUSE target), keeping owner,
 mode, modification time and holes (`--sparse=auto`). rsync then runs as always and finds them up to
 date: it still decides what the snapshot holds (filters, hard links to the previous snapshot, symlinks,
-deletions, ownership), and anything not copied here is copied by rsync.
+deletions, ownership), and anything not copied here is copied by rsync. (In a first snapshot, rsync's
+pass leaves out the content folders filled here: see `snapshot.py`.)
 
 Processes, not threads: this module's own copier, two Python threads calling `copy_file_range`, took as
 long with two threads as with one on 10 000 small files (about 1.0 s for 1 GB in memory: the GIL, taken
@@ -18,11 +19,12 @@ and given back around a dozen calls per file), where two `cp` processes took 0.3
 
 Safe to kill: `cp` writes into a staging folder (`.idp-seed/` in the job's root, the cache's folders
 below it) and runs with a parent-death signal, so it stops with the backup. A file is renamed into its
-place only when the staged copy has the cache's size and modification time (cp sets the time last) and
+place only when the staged copy has the cache's size and modification time (cp sets the time last;
+compared to the second, as rsync compares times, so a target that keeps whole seconds loses nothing) and
 the cache's file did not change while it was copied: a file under its final name is always a whole copy
-with the cache's time to the second, which is how rsync compares times (a whole copy with the copying time
-could pass for up to date). The run that continues a killed `.partial` (rsync alone, with `--delete`)
-removes a leftover staging folder, which no backup filter shields.
+with the cache's time (a whole copy with the copying time could pass rsync's check for up to date). The
+run that continues a killed `.partial` (rsync alone, with `--delete`) removes a leftover staging folder,
+which no backup filter shields.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ from idp_pipelines.backup.errors import BackupError
 Progress = Callable[[int, int, str], None]  # (bytes done, bytes total, message)
 
 STAGING = ".idp-seed"  # in the job's root on the target; no backup filter matches it
-# like rsync -a: no xattrs or ACLs (rsync -a keeps neither), symlinks as symlinks
+# as rsync -a: no xattrs, symlinks as symlinks (one difference: --preserve=mode keeps a POSIX ACL, which
+# rsync -a does not; a Hugging Face cache has one only under a folder with a default ACL)
 CP = ["cp", "--no-dereference", "--preserve=mode,ownership,timestamps", "--sparse=auto", "--reflink=auto"]
 BATCH_FILES = 1000  # per cp process: one process start per thousand small files ...
 BATCH_BYTES = 256 << 20  # ... and progress at least every 256 MB per worker (a larger file is a batch alone)
