@@ -80,6 +80,8 @@ class _Copier:
         self.running: set[subprocess.Popen] = set()
         self.lock = threading.Lock()
         self.counts = [[0, 0, 0] for _ in range(workers)]  # per worker: files, bytes, left to rsync
+        self.large: list[tuple[str, _File] | None] = [None] * workers  # per worker: the one large file it copies
+        self.seen = [0] * workers  # ... and how much of it was staged when last looked at
         self.errors: list[str] = []
         self.failed: list[BaseException] = []
 
@@ -90,10 +92,15 @@ class _Copier:
                 batch = next(self.queue, None)  # one C call under the GIL: no two threads get the same batch
                 if batch is None:
                     return
+                with self.lock:
+                    self.large[i] = (batch[0], batch[1][0]) if len(batch[1]) == 1 else None
+                    self.seen[i] = 0
                 files, done, left = self.copy(*batch)
-                c[0] += files
-                c[1] += done
-                c[2] += left
+                with self.lock:  # the counts and the large file together: progress never counts it twice
+                    c[0] += files
+                    c[1] += done
+                    c[2] += left
+                    self.large[i] = None
                 self.changed.set()
         except BaseException as exc:  # not a failed copy (those are left to rsync): a bug
             self.failed.append(exc)
@@ -102,6 +109,21 @@ class _Copier:
 
     def totals(self) -> tuple[int, int, int]:
         return (sum(c[0] for c in self.counts), sum(c[1] for c in self.counts), sum(c[2] for c in self.counts))
+
+    def done(self) -> tuple[int, int]:
+        """Files and bytes in place, plus the bytes staged so far of the large files being copied (a batch of
+        one file: a GGUF or a shard of gigabytes would otherwise show no progress until it is whole). Never
+        less than the last figure: a staged file renamed into place counts what was last seen of it until
+        the worker counts it whole."""
+        with self.lock:
+            files, done, _left = self.totals()
+            for i, entry in enumerate(self.large):
+                if entry is not None:
+                    with contextlib.suppress(OSError):  # not there yet, or just renamed into place
+                        staged = os.lstat(os.path.join(self.dest, STAGING, entry[0], entry[1].name)).st_size
+                        self.seen[i] = max(self.seen[i], min(staged, entry[1].size))
+                    done += self.seen[i]
+        return files, done
 
     def copy(self, folder: str, files: list[_File]) -> tuple[int, int, int]:
         """Copy one folder's batch through the staging folder; (files, bytes) in place, files left to rsync."""
@@ -220,7 +242,8 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, dirs: Sequenc
     `dirs`: folders to make on the target whatever `paths` holds (an empty one too) and to give the cache's
     owner, mode and time once every file is in place; left to rsync (counted in `left`) if that fails.
     Worker threads each run one cp at a time, taking batches from one queue; this thread reports progress
-    as batches complete, at most ten times a second, and once at the end.
+    as batches complete and every half second while a large file is copied, at most ten times a second, and
+    once at the end.
     """
     started = time.monotonic()
     src, dest = os.fspath(src_root), os.fspath(dest_root)
@@ -238,7 +261,7 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, dirs: Sequenc
     count = sum(len(files) for _, files in batches)
 
     def report() -> None:
-        files, done, _left = copier.totals()
+        files, done = copier.done()
         rate = done / 1e6 / max(time.monotonic() - started, 1e-6)
         progress(min(done, total_bytes) if total_bytes else done, total_bytes,
                  f"{label}: {files:,}/{count:,} files, {done / 1e6:,.0f} MB copied, {rate:,.0f} MB/s")
@@ -250,13 +273,14 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, dirs: Sequenc
     try:
         reported = (0, 0)
         while any(t.is_alive() for t in threads):
-            copier.changed.wait(0.5)
+            copier.changed.wait(0.5)  # a batch done, or half a second of a large file's copy
             copier.changed.clear()
-            now = copier.totals()[:2]
-            if progress is not None and now != reported and now[0]:
-                report()
-                reported = now
-                time.sleep(0.1)
+            if progress is not None:
+                now = copier.done()
+                if now != reported and now[1]:
+                    report()
+                    reported = now
+                    time.sleep(0.1)
     finally:
         copier.kill()  # stops what runs when the caller stopped (an exception from progress); no-op when done
         for t in threads:

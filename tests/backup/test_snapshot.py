@@ -454,3 +454,21 @@ def test_a_stop_kills_the_running_copies_and_leaves_no_half_file(tmp_path, monke
                          and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
     (copied,) = os.listdir(dest)  # the one whole file, no staging folder
     assert (dest / copied).read_bytes() == (src / copied).read_bytes()
+
+
+def test_a_large_file_shows_progress_while_it_is_copied(tmp_path, monkeypatch):
+    """A GGUF of gigabytes is a batch of its own: its progress comes from its staged size, not only at its end.
+    A slow NAS stands in for cp here: eight 1 MB chunks, half a second apart, then the cache's time."""
+    src, dest = tmp_path / "cache", tmp_path / "nas"
+    src.mkdir()
+    (src / "model.gguf").write_bytes(os.urandom(8 << 20))
+    slow = ('while [ "$1" != "-t" ]; do shift; done; dir=$2; shift 3; for f; do i=0; while [ $i -lt 8 ]; do '
+            'dd if="$f" of="$dir/$f" bs=1M skip=$i seek=$i count=1 conv=notrunc status=none; sleep 0.5; '
+            'i=$((i + 1)); done; touch -r "$f" "$dir/$f"; done')
+    monkeypatch.setattr(seed_module, "CP", ["sh", "-c", slow, "sh", *seed_module.CP])
+    reports: list[int] = []
+    result = seed(src, dest, ["model.gguf"], total_bytes=8 << 20, progress=lambda done, total, m: reports.append(done))
+    assert (result.files, result.left) == (1, 0)
+    assert (dest / "model.gguf").read_bytes() == (src / "model.gguf").read_bytes()
+    assert [d for d in reports if 0 < d < 8 << 20], reports  # part-way figures before the end
+    assert reports == sorted(reports) and reports[-1] == 8 << 20
