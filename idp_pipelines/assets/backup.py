@@ -38,8 +38,11 @@ def _progress(log):
     throttle = Throttle(log.info, warn=log.warning, error=log.error)
 
     def report(done: int, total: int, message: str) -> None:
-        pct = f" ({100 * min(done, total) / total:.0f} %)" if total else ""
-        throttle(f"{done / 1e6:,.1f} of {total / 1e6:,.1f} MB{pct}: {message}", final=bool(total) and done >= total)
+        if not total:  # a copy whose size no dry run gave (rsync's catch-up pass): what is done so far
+            throttle(f"{done / 1e6:,.1f} MB: {message}")
+            return
+        pct = f" ({100 * min(done, total) / total:.0f} %)"
+        throttle(f"{done / 1e6:,.1f} of {total / 1e6:,.1f} MB{pct}: {message}", final=done >= total)
 
     return report
 

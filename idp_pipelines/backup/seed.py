@@ -19,10 +19,12 @@ and given back around a dozen calls per file), where two `cp` processes took 0.3
 
 Safe to kill: `cp` writes into a staging folder (`.idp-seed/` in the job's root, the cache's folders
 below it) and runs with a parent-death signal, so it stops with the backup. A file is renamed into its
-place only when the staged copy has the cache's size and modification time (cp sets the time last;
-compared to the second, as rsync compares times, so a target that keeps whole seconds loses nothing) and
-the cache's file did not change while it was copied: a file under its final name is always a whole copy
-with the cache's time (a whole copy with the copying time could pass rsync's check for up to date). The
+place only when cp exited 0 for its batch, the staged copy has the cache's size, modification time
+(compared to the second, as rsync compares times, so a target that keeps whole seconds loses nothing),
+mode and (as root) owner, and the cache's file did not change while it was copied: a file under its
+final name is always a whole copy with the cache's time and mode (a whole copy with the copying time
+could pass rsync's check for up to date; cp sets the owner and mode after the time, so a cp killed or
+refused at its last step leaves a whole file with the cache's time that is 0600 and ours). The
 run that continues a killed `.partial` (rsync alone, with `--delete`) removes a leftover staging folder,
 which no backup filter shields.
 """
@@ -66,6 +68,8 @@ class _File:
     size: int
     mtime_ns: int
     ctime_ns: int
+    mode: int  # permission bits
+    owner: tuple[int, int]
 
 
 class _Copier:
@@ -83,6 +87,7 @@ class _Copier:
         self.large: list[tuple[str, _File] | None] = [None] * workers  # per worker: the one large file it copies
         self.seen = [0] * workers  # ... and how much of it was staged when last looked at
         self.errors: list[str] = []
+        self.root = os.geteuid() == 0  # the owner is kept (as root) or not (as rsync -a does not either)
         self.failed: list[BaseException] = []
 
     def work(self, i: int) -> None:
@@ -146,8 +151,13 @@ class _Copier:
         finally:
             with self.lock:
                 self.running.discard(proc)
-        if proc.returncode and err:
-            self.errors.append(err.decode(errors="replace").strip().splitlines()[0])
+        if proc.returncode:
+            # cp sets the time before the owner and the mode: a file it failed on (or was killed at) can have
+            # the cache's size and time and still be 0600 and ours. The whole batch is rsync's.
+            self.errors.append(err.decode(errors="replace").strip().splitlines()[0] if err.strip()
+                               else f"cp exited {proc.returncode}")
+            self.discard(staged, files)
+            return 0, 0, len(files)
         copied = done = 0
         fds: list[int] = []
         try:
@@ -165,8 +175,10 @@ class _Copier:
                     # (ext4 with 128-byte inodes) truncates it, and that copy is as good as rsync's
                     if (stat.S_ISREG(got.st_mode) and got.st_size == f.size
                             and got.st_mtime_ns // 10**9 == f.mtime_ns // 10**9
+                            and stat.S_IMODE(got.st_mode) == f.mode
+                            and (not self.root or (got.st_uid, got.st_gid) == f.owner)
                             and (now.st_size, now.st_mtime_ns, now.st_ctime_ns) == (f.size, f.mtime_ns, f.ctime_ns)):
-                        # only now under its name: whole, with the cache's time
+                        # only now under its name: whole, with the cache's time, mode and owner
                         os.rename(f.name, f.name, src_dir_fd=fs, dst_dir_fd=ff)
                         copied += 1
                         done += f.size
@@ -179,6 +191,12 @@ class _Copier:
             for fd in fds:
                 os.close(fd)
         return copied, done, len(files) - copied
+
+    @staticmethod
+    def discard(staged: str, files: list[_File]) -> None:
+        for f in files:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(staged, f.name))
 
     def kill(self) -> None:
         with self.lock:
@@ -203,7 +221,8 @@ def _plan(src_root: str, paths: Sequence[str]) -> tuple[list[tuple[str, list[_Fi
         if not stat.S_ISREG(st.st_mode):
             skipped += 1
             continue
-        folders.setdefault(folder, []).append(_File(name, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+        folders.setdefault(folder, []).append(_File(name, st.st_size, st.st_mtime_ns, st.st_ctime_ns,
+                                                         stat.S_IMODE(st.st_mode), (st.st_uid, st.st_gid)))
     batches: list[tuple[str, list[_File]]] = []
     for folder, files in folders.items():
         batch: list[_File] = []

@@ -334,7 +334,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
             progress(total, total, f"{label}: copied")
 
     entries = target.listing(partial)
-    if skipped_content and (dangling := _dangling(entries, "cache")):
+    if skipped_content and (dangling := _dangling(entries, "cache", cache_dir)):
         # a download finished while cp copied: its blob came after the dry run, its symlink before rsync's
         # pass. rsync walks the content too, so the snapshot holds no link to a blob it lacks.
         log(f"cache: {len(dangling):,} symlinks point at content the dry run did not list (e.g. {dangling[0]}: a "
@@ -369,13 +369,14 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         deleted=delete, kept=keep, cp_copied=cp_copied)
 
 
-def _dangling(entries: dict[str, Entry], root: str) -> list[str]:
-    """Symlinks under `root` whose relative target, inside `root`, is not in `entries`."""
+def _dangling(entries: dict[str, Entry], root: str, source: Path) -> list[str]:
+    """Symlinks under `root` whose relative target, inside `root`, is not in `entries` but is in `source` (the
+    folder `root` is a copy of): a link the cache itself leaves dangling is copied as it is."""
     out = []
     for e in entries.values():
         if e.kind == "l" and e.path.startswith(f"{root}/") and not e.link_to.startswith("/"):
             to = os.path.normpath(os.path.join(os.path.dirname(e.path), e.link_to))
-            if to.startswith(f"{root}/") and to not in entries:
+            if to.startswith(f"{root}/") and to not in entries and os.path.lexists(source / to[len(root) + 1:]):
                 out.append(e.path)
     return out
 

@@ -149,8 +149,11 @@ def whole_seconds(tmp_path):
     subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
     try:
         yield mnt
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
+    finally:  # the loop device goes with the mount (autoclear); a busy mount is detached lazily, then failed
+        proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            subprocess.run(["umount", "--lazy", str(mnt)])
+            pytest.fail(f"umount {mnt} failed (exit {proc.returncode}): {proc.stderr.strip()}")
 
 
 def test_cp_copies_onto_a_target_that_keeps_whole_seconds(cache, whole_seconds, tmp_path):
@@ -472,3 +475,44 @@ def test_a_large_file_shows_progress_while_it_is_copied(tmp_path, monkeypatch):
     assert (dest / "model.gguf").read_bytes() == (src / "model.gguf").read_bytes()
     assert [d for d in reports if 0 < d < 8 << 20], reports  # part-way figures before the end
     assert reports == sorted(reports) and reports[-1] == 8 << 20
+
+
+@pytest.mark.parametrize("how", ["cp fails", "cp leaves the mode"])
+def test_a_copy_cp_did_not_finish_is_never_put_in_place(cache, target, tmp_path, monkeypatch, how):
+    """cp sets a file's time before its owner and mode: a cp that fails (a root-squashed NFS share refusing
+    chown) or is killed at its last step leaves a whole copy with the cache's time that is 0600. Such a copy
+    is never put in place: rsync copies those files and the snapshot has the cache's modes."""
+    for p in cache.path.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            p.chmod(0o644)
+    after = {"cp fails": "exit 1", "cp leaves the mode": 'while [ "$1" != "-t" ]; do shift; done; chmod 600 "$2"/*'}
+    monkeypatch.setattr(seed_module, "CP", ["sh", "-c", f'"$0" "$@"; {after[how]}', *seed_module.CP])
+    result = _snap(cache, target, tmp_path)
+    snap = Path(target.path) / result.name / "cache"
+    assert result.cp_copied == 0 and (snap / cache.blob_lfs).stat().st_mode & 0o777 == 0o644
+    assert _rsync_would_change(cache.path, snap) == []
+
+
+def test_a_link_the_cache_itself_leaves_dangling_is_copied_as_it_is(cache, target, tmp_path):
+    """A blob deleted by hand: its snapshot link dangles in the cache, and in the snapshot, with no extra pass
+    of rsync over the content for it (that pass is for blobs that landed during the copy)."""
+    link = cache.path / Path(cache.snapshot_link).parent / "gone.safetensors"
+    link.symlink_to("../../blobs/" + "0" * 64)
+    logs: list[str] = []
+    result = _snap(cache, target, tmp_path, log=logs.append)
+    snap = Path(target.path) / result.name / "cache"
+    assert os.readlink(snap / link.relative_to(cache.path)) == "../../blobs/" + "0" * 64
+    assert any("rsync's pass leaves the content folders out" in m for m in logs), logs
+    assert not any("symlinks point at content" in m for m in logs), logs
+
+
+def test_a_staging_folder_that_stays_is_removed_by_rsync(cache, target, tmp_path, monkeypatch):
+    """A staging folder seed could not remove: rsync's pass over everything removes it (--delete), also
+    where a rule that shields content folders would match it (a top-level blobs/ folder in the cache)."""
+    (cache.path / "blobs").mkdir()
+    (cache.path / "blobs" / "shared-blob").write_bytes(os.urandom(1000))
+    monkeypatch.setattr(seed_module.shutil, "rmtree", lambda *a, **k: None)
+    result = _snap(cache, target, tmp_path)
+    snap = Path(target.path) / result.name / "cache"
+    assert result.cp_copied > 0 and not (snap / ".idp-seed").exists()
+    assert _rsync_would_change(cache.path, snap) == []
