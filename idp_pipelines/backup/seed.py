@@ -151,13 +151,12 @@ class _Copier:
         finally:
             with self.lock:
                 self.running.discard(proc)
-        if proc.returncode:
-            # cp sets the time before the owner and the mode: a file it failed on (or was killed at) can have
-            # the cache's size and time and still be 0600 and ours. The whole batch is rsync's.
+        # cp sets the time before the owner and the mode: a file it failed on (or was killed at) can have the
+        # cache's size and time and still be 0600 and ours. A batch cp did not finish with 0 is rsync's whole.
+        finished = proc.returncode == 0
+        if not finished:
             self.errors.append(err.decode(errors="replace").strip().splitlines()[0] if err.strip()
                                else f"cp exited {proc.returncode}")
-            self.discard(staged, files)
-            return 0, 0, len(files)
         copied = done = 0
         fds: list[int] = []
         try:
@@ -173,7 +172,7 @@ class _Copier:
                     got, now = os.lstat(f.name, dir_fd=fs), os.lstat(f.name, dir_fd=fc)
                     # the cache's time to the second, as rsync compares it: a target that keeps whole seconds
                     # (ext4 with 128-byte inodes) truncates it, and that copy is as good as rsync's
-                    if (stat.S_ISREG(got.st_mode) and got.st_size == f.size
+                    if (finished and stat.S_ISREG(got.st_mode) and got.st_size == f.size
                             and got.st_mtime_ns // 10**9 == f.mtime_ns // 10**9
                             and stat.S_IMODE(got.st_mode) == f.mode
                             and (not self.root or (got.st_uid, got.st_gid) == f.owner)
@@ -185,18 +184,12 @@ class _Copier:
                         continue
                 except OSError:
                     pass
-                with contextlib.suppress(OSError):  # cut short, changed while copied, or never copied: rsync's
+                with contextlib.suppress(OSError):  # cut short, unfinished, changed while copied: rsync's
                     os.unlink(f.name, dir_fd=fs)
         finally:
             for fd in fds:
                 os.close(fd)
         return copied, done, len(files) - copied
-
-    @staticmethod
-    def discard(staged: str, files: list[_File]) -> None:
-        for f in files:
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(staged, f.name))
 
     def kill(self) -> None:
         with self.lock:
@@ -279,8 +272,8 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, dirs: Sequenc
     copier = _Copier(src, dest, batches, n)
     count = sum(len(files) for _, files in batches)
 
-    def report() -> None:
-        files, done = copier.done()
+    def report(now: tuple[int, int]) -> None:
+        files, done = now
         rate = done / 1e6 / max(time.monotonic() - started, 1e-6)
         progress(min(done, total_bytes) if total_bytes else done, total_bytes,
                  f"{label}: {files:,}/{count:,} files, {done / 1e6:,.0f} MB copied, {rate:,.0f} MB/s")
@@ -297,7 +290,7 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, dirs: Sequenc
             if progress is not None:
                 now = copier.done()
                 if now != reported and now[1]:
-                    report()
+                    report(now)
                     reported = now
                     time.sleep(0.1)
     finally:
@@ -319,7 +312,7 @@ def seed(src_root: Path, dest_root: Path, paths: Sequence[str], *, dirs: Sequenc
             copier.errors.append(f"{exc.filename}: {exc.strerror}")
             left += 1
     if progress is not None and files:
-        report()
+        report(copier.done())
     return Seeded(files=files, bytes=done, left=left, error=copier.errors[0] if copier.errors else "")
 
 

@@ -249,24 +249,16 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
 
     # One dry run against the newest snapshot says what must be copied (for the free-space check) and
     # whether anything changed at all: if nothing did, the newest snapshot already is today's.
-    to_copy: dict[str, int] = {}
-    to_send: dict[str, list[str]] = {}
-    new_dirs: dict[str, list[str]] = {}
-    content_others: dict[str, bool] = {}
-    changes = 0
+    dry: dict[str, RsyncStats] = {}
     for label, src, dest, _link_dest in jobs:
         against = f"{previous}/{label}/" if previous and resumed is None else dest
-        dry = run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True, dry_run=True)
-                        + [src, target.remote(against)], label=f"{label} (dry run)")
-        to_copy[label] = dry.bytes_sent
-        to_send[label] = dry.to_send
-        new_dirs[label] = dry.new_dirs
-        content_others[label] = any(is_content(p) for p in dry.others)
-        changes += dry.changes
+        dry[label] = run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True, dry_run=True)
+                               + [src, target.remote(against)], label=f"{label} (dry run)")
+    changes = sum(d.changes for d in dry.values())
     if previous and resumed is None and changes == 0:
         log(f"nothing changed since snapshot {previous}: it stays the newest (no new snapshot made)")
         return _unchanged(target, previous, complete, keep_daily, keep_weekly, time.monotonic() - started, log)
-    needed = sum(to_copy.values())
+    needed = sum(d.bytes_sent for d in dry.values())
     free = target.free_bytes()
     if needed + margin_bytes > free:
         raise BackupError(
@@ -293,7 +285,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     skipped_content = False  # the shortcut taken: rsync's pass left the content folders out
     for label, src, dest, ld in jobs:
         # progress over the whole job (both passes of the cache), against what the dry run said to copy
-        total, base = to_copy[label], [0]  # bytes of this job done by earlier steps (cp, passes)
+        total, base = dry[label].bytes_sent, [0]  # bytes of this job done by earlier steps (cp, passes)
 
         def report(done: int, _total: int, message: str, total=total, base=base) -> None:
             if progress is not None:
@@ -303,10 +295,10 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
 
         passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
             if label == "cache" else [(label, EXCLUDES)]
-        content = [p for p in to_send[label] if is_content(p)] if label == "cache" else []
+        content = [p for p in dry[label].to_send if is_content(p)] if label == "cache" else []
         if cp_first and content:
-            shortcut = fresh and not content_others[label]
-            dirs = [d for d in new_dirs[label] if is_content_dir(d)] if shortcut else []
+            shortcut = fresh and not any(is_content(p) for p in dry[label].others)
+            dirs = [d for d in dry[label].new_dirs if is_content_dir(d)] if shortcut else []
             seeded = seed(Path(src), Path(target.join(dest)), content, dirs=dirs, total_bytes=total,
                           progress=report, label=f"{label}: copying")
             stats.files_sent += seeded.files
