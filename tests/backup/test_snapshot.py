@@ -266,9 +266,10 @@ from idp_pipelines.backup import seed
 from idp_pipelines.backup.snapshot import make_snapshot
 
 seed.BATCH_FILES = 2
-# the third batch: cp copies it, then half of the next file lands beside it and the power goes (SIGKILL of
-# the backup's process, as a power cut would land: while its worker waits for a copy)
-CUT = '"$0" "$@" && f=$(ls "$CACHE_DIR" | sort | tail -n 1) && head -c $(($(stat -c %s "$CACHE_DIR/$f") / 2)) ' \\
+# the third batch: cp copies it, then its last file is cut to half (cp was writing it) and the power goes
+# (SIGKILL of the backup's process, as a power cut would land: while its worker waits for the copy). The
+# file is the batch's own: no other worker copies it meanwhile.
+CUT = '"$0" "$@" && for f; do :; done && head -c $(($(stat -c %s "$CACHE_DIR/$f") / 2)) ' \\
       '"$CACHE_DIR/$f" > "$STAGED/$f" && echo $$ > "$PIDFILE" && kill -KILL $PPID; exec sleep 60'
 calls = []
 real = seed._Copier.copy
@@ -310,10 +311,10 @@ def test_sigkill_while_cp_copies_then_a_rerun_leaves_one_complete_snapshot(hub, 
     assert partial.endswith(".partial") and Target(str(target_dir)).snapshots() == []
     # the file the kill cut short lies in the staging folder, never under its own name
     staged = target_dir / partial / "cache" / ".idp-seed"
-    cuts = [p for p in staged.rglob("*") if p.is_file()]
-    assert any(p.stat().st_size == (extra / p.name).stat().st_size // 2 for p in cuts), cuts
-    assert not any((extra / p.name).exists() and (target_dir / partial / "cache" / p.relative_to(staged)).exists()
-                   and p.stat().st_size < (extra / p.name).stat().st_size for p in cuts)
+    cuts = {p.relative_to(staged): p.stat().st_size for p in staged.rglob("*") if p.is_file()}
+    full = {rel: (cache.path / rel).stat().st_size for rel in cuts}
+    assert any(cuts[rel] == full[rel] // 2 for rel in cuts), cuts
+    assert not [rel for rel in cuts if cuts[rel] < full[rel] and (target_dir / partial / "cache" / rel).exists()]
     # every file under its own name is whole, with the cache's content, mode and time (rsync compares
     # times only to the second: a whole copy with the copying time would pass for up to date)
     src, partial_tree = tree(cache.path), tree(target_dir / partial / "cache")
