@@ -7,9 +7,10 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # Debian packages the tests and the embedded lab use (git for the knowledge domain; curl for the
 # download benchmark; cmake and g++ build llama.cpp's tools; exfat-fuse and exfatprogs for the backup test
-# on a real exFAT target). Checked with dpkg first, so a machine that has them makes no apt call.
+# on a real exFAT target; e2fsprogs for the ext4 volumes of the power-cut tests). Checked with dpkg first,
+# so a machine that has them makes no apt call.
 APT_PACKAGES := git curl cmake g++ make nginx prometheus openssl rsync openssh-server docker.io busybox-static \
-                exfat-fuse exfatprogs
+                exfat-fuse exfatprogs e2fsprogs
 
 .PHONY: up test bench install system-deps llama-cpp clean-state
 

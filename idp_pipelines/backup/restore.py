@@ -84,6 +84,7 @@ def restore(target: Target, snapshot: str, source: str, dest: Path, *, overwrite
     dest.mkdir(parents=True, exist_ok=True)
     stats = run_rsync(_rsync_base(target) + [target.remote(f"{snapshot}/{source}") + "/", f"{dest}/"],
                       progress=progress, label=f"restore {source}")
+    Target(str(dest)).sync()  # restored means on the disk: a power cut now would leave empty files in the cache
     log(f"restored {source} from {snapshot} into {dest}: {stats.files_sent} file(s), {stats.bytes_sent:,} bytes")
     return RestoreResult(snapshot, source, dest, stats.files_sent, stats.bytes_sent, time.monotonic() - started,
                          differ)

@@ -10,7 +10,9 @@ Layout on the target:
 Unchanged files are hard links into the newest complete snapshot (`--link-dest`): a daily snapshot of a
 500 GB cache costs inodes, not bytes, and every snapshot is a plain tree `cp -a` can restore from.
 A snapshot killed midway leaves its `.partial`; the next run continues in it (what it already copied is
-kept) and only the rename makes a snapshot complete, so a complete snapshot is never half a copy.
+kept) and only the rename makes a snapshot complete, so a complete snapshot is never half a copy. The copy
+is flushed to the target's disk before the rename (a power cut, not only a killed run, leaves no complete
+snapshot of empty files).
 """
 
 from __future__ import annotations
@@ -345,7 +347,13 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     if state_dir is not None and (state_dir / "state-sha256.json").is_file():
         manifest["state_sha256"] = json.loads((state_dir / "state-sha256.json").read_text())
     target.write_file(f"{partial}/{MANIFEST}", json.dumps(manifest, sort_keys=True).encode())
+    # A power cut must not leave a snapshot named complete whose files never reached the disk: ext4 and xfs
+    # write a new file's data up to 30 s later, and may put the rename on disk first (a complete snapshot of
+    # empty files). So the copy is flushed before the rename, and the rename before retention deletes an
+    # older snapshot (the newest complete one on disk must be the one kept).
+    target.sync(partial)
     target.rename(partial, name)
+    target.sync()
     seconds = time.monotonic() - started
 
     keep, delete = plan_retention([*complete, name], keep_daily=keep_daily, keep_weekly=keep_weekly)

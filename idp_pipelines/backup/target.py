@@ -181,6 +181,12 @@ class Target:
         self.sh('[ ! -e "$2" ] || { echo "$2 exists" >&2; exit 1; }; mv "$1" "$2"', self.join(old), self.join(new),
                 what=f"renaming {old} to {new}")
 
+    def sync(self, sub: str = "") -> None:
+        """Flush the filesystem holding `sub` to its disk (`sync -f`, syncfs): what was written survives a power
+        cut. A NAS whose `sync` has no -f (an old BusyBox) flushes all its filesystems."""
+        self.sh('sync -f "$1" 2>/dev/null || sync', self.join(sub) if sub else self.path,
+                what="flushing the target to its disk")
+
     def remove_tree(self, name: str) -> None:
         """Delete a snapshot: renamed to `.deleting` first, so a crash midway never leaves a half-deleted
         folder that looks complete."""

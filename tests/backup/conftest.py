@@ -4,6 +4,7 @@ volume as a target that keeps no links."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import random
@@ -165,13 +166,58 @@ def exfat(tmp_path) -> Iterator[Path]:
             assert os.path.ismount(mnt) and daemons, f"mount.exfat-fuse exited 0 but {mnt} is not its mount"
             yield mnt
         finally:
-            proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
-            if proc.returncode != 0:
-                subprocess.run(["umount", "--lazy", str(mnt)])
-                pytest.fail(f"umount {mnt} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+            unmount(mnt)
             deadline = time.monotonic() + 30  # it exits at once; a zombie is gone (init reaps it later)
             while (alive := [p for p in daemons if _running(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not alive, f"exfat-fuse {[p.pid for p in alive]} still running after umount {mnt}"
     finally:
         subprocess.run(["losetup", "--detach", dev])
+
+
+def unmount(mnt: Path) -> None:
+    """umount `mnt`; a busy mount is detached lazily (nothing left mounted), then the test fails."""
+    proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        subprocess.run(["umount", "--lazy", str(mnt)])
+        pytest.fail(f"umount {mnt} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+
+
+@contextlib.contextmanager
+def mounted(image: Path, mnt: Path, options: str = "loop") -> Iterator[Path]:
+    """`image` mounted on `mnt` for the block; the loop device goes with the mount (autoclear)."""
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-o", options, str(image), str(mnt)], check=True, capture_output=True)
+    try:
+        yield mnt
+    finally:
+        unmount(mnt)
+
+
+@contextlib.contextmanager
+def ext4_volume(tmp_path: Path, name: str, *mkfs_args: str) -> Iterator[tuple[Path, Path]]:
+    """A fresh 192 MB ext4 volume on a loop device, mounted: (its image, its mount point). 192 MB: the cache's
+    sparse 64 MB file counts whole in the free-space check."""
+    image = tmp_path / f"{name}.img"
+    with image.open("wb") as f:
+        f.truncate(192 * 1024 * 1024)
+    subprocess.run(["mkfs.ext4", "-q", "-F", *mkfs_args, str(image)], check=True, capture_output=True)
+    with mounted(image, tmp_path / name) as mnt:
+        yield image, mnt
+
+
+def power_cut(image: Path, name: str) -> Path:
+    """What the volume of `image` holds if the power goes now: the image, copied while mounted, is what the
+    filesystem has written to its device so far (not what only its page cache holds)."""
+    cut = image.with_name(f"{name}.img")
+    subprocess.run(["cp", "--sparse=always", str(image), str(cut)], check=True)
+    return cut
+
+
+@contextlib.contextmanager
+def after_reboot(cut: Path) -> Iterator[Path]:
+    """The volume `power_cut` left, as the next boot finds it: e2fsck replays its journal; mounted read-only."""
+    fsck = subprocess.run(["e2fsck", "-fy", str(cut)], capture_output=True, text=True)
+    assert fsck.returncode in (0, 1), fsck.stdout + fsck.stderr  # 1: errors corrected (the journal replayed)
+    with mounted(cut, cut.with_suffix(""), "loop,ro") as mnt:
+        yield mnt

@@ -20,8 +20,9 @@ from idp_pipelines.backup.retention import plan_retention
 from idp_pipelines.backup import seed as seed_module
 from idp_pipelines.backup.seed import seed
 from idp_pipelines.backup.snapshot import EXCLUDES, make_snapshot, snapshot_name
+from idp_pipelines.backup.target import PARTIAL_SUFFIX
 from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
-from tests.backup.conftest import SPARSE_BYTES, make_cache, tree
+from tests.backup.conftest import SPARSE_BYTES, after_reboot, ext4_volume, make_cache, power_cut, tree
 
 
 def _snap(cache, target, tmp_path, **kw):
@@ -139,21 +140,39 @@ def test_a_copy_without_the_cache_time_is_never_put_in_place(cache, target, tmp_
 
 @pytest.fixture
 def whole_seconds(tmp_path):
-    """A 192 MB ext4 volume with 128-byte inodes, which keep modification times in whole seconds (an ext4
-    made by an old mkfs, ext3): a NAS disk of that kind as the target. Unmounted at teardown."""
-    image, mnt = tmp_path / "ext4-128.img", tmp_path / "old-disk"
-    mnt.mkdir()
-    with image.open("wb") as f:
-        f.truncate(192 * 1024 * 1024)  # the cache's sparse 64 MB file counts whole in the free-space check
-    subprocess.run(["mkfs.ext4", "-q", "-F", "-I", "128", str(image)], check=True, capture_output=True)
-    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True, capture_output=True)
-    try:
+    """An ext4 volume with 128-byte inodes, which keep modification times in whole seconds (an ext4 made by an
+    old mkfs, ext3): a NAS disk of that kind as the target."""
+    with ext4_volume(tmp_path, "old-disk", "-I", "128") as (_, mnt):
         yield mnt
-    finally:  # the loop device goes with the mount (autoclear); a busy mount is detached lazily, then failed
-        proc = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            subprocess.run(["umount", "--lazy", str(mnt)])
-            pytest.fail(f"umount {mnt} failed (exit {proc.returncode}): {proc.stderr.strip()}")
+
+
+def test_a_power_cut_after_the_rename_or_the_run_finds_the_snapshot_whole(cache, tmp_path, monkeypatch):
+    """A snapshot named complete is on the disk with all its bytes: the copy is flushed before the rename.
+    ext4 writes a new file's data up to 30 s later and can put a rename on disk first: without the flush, a
+    power cut right after the rename (its folder forced to disk, as the journal may do at any moment) finds
+    a complete snapshot of empty files. After the run returns, the snapshot is there too."""
+    real_rename, cuts = Target.rename, []
+    with ext4_volume(tmp_path, "nas-disk") as (image, mnt):
+        def rename_then_power_cut(self, old, new):
+            real_rename(self, old, new)
+            if old.endswith(PARTIAL_SUFFIX):
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    os.fsync(fd)  # the rename on the disk (the journal committed), the files' data not forced
+                finally:
+                    os.close(fd)
+                cuts.append(power_cut(image, "cut-after-rename"))
+
+        monkeypatch.setattr(Target, "rename", rename_then_power_cut)
+        target = Target(str(mnt / "backup"))
+        result = _snap(cache, target, tmp_path)
+        expected = tree(Path(target.path) / result.name)
+        assert cuts and expected[f"cache/{cache.blob_lfs}"][0] == "f" and expected["idp-manifest.json"][0] == "f"
+        cuts.append(power_cut(image, "cut-after-run"))
+    for cut in cuts:
+        with after_reboot(cut) as disk:
+            assert sorted(p.name for p in (disk / "backup").iterdir()) == [result.name], cut.name
+            assert tree(disk / "backup" / result.name) == expected, cut.name
 
 
 def test_cp_copies_onto_a_target_that_keeps_whole_seconds(cache, whole_seconds, tmp_path):

@@ -17,7 +17,7 @@ from idp_pipelines.backup.restore import check_restored_cache, restore, restore_
 from idp_pipelines.backup.snapshot import make_snapshot, manifest_of
 from idp_pipelines.backup.state import stage_state
 from idp_pipelines.backup.verify import verify_snapshot
-from tests.backup.conftest import REPO, make_cache, tree
+from tests.backup.conftest import REPO, after_reboot, ext4_volume, make_cache, power_cut, tree
 
 MODELS = {REPO: ["tiny"]}
 
@@ -116,6 +116,17 @@ def test_a_restored_model_keeps_times_and_a_differing_file_is_not_overwritten(ca
     assert config.read_text() == '{"hidden_size": 16}\n'
     again = restore(target, snapshot, f"cache/{repo_dir}", dest / repo_dir, overwrite=True)
     assert again.overwritten == [rel] and config.read_bytes() == (cache.path / cache.blob_git).read_bytes()
+
+
+def test_a_restore_that_returned_is_on_the_disk(cache, target, snapshot, tmp_path):
+    """A power cut right after a restore returns finds the restored files with their bytes, not empty files
+    (the cache's verified marker keys on size and time: an empty file would be a re-download, at best)."""
+    repo_dir = "models--lab--tiny-model"
+    with ext4_volume(tmp_path, "cache-disk") as (image, mnt):
+        restore(target, snapshot, f"cache/{repo_dir}", mnt / repo_dir)
+        cut = power_cut(image, "cut-after-restore")
+    with after_reboot(cut) as disk:
+        assert tree(disk / repo_dir) == tree(cache.path / repo_dir)
 
 
 def test_the_whole_cache_restored_loads_the_model_offline(cache, target, snapshot, tmp_path, monkeypatch):
