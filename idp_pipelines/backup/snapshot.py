@@ -220,7 +220,8 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
                    keep_weekly: int, progress: Progress | None, log: Callable[[str], None],
                    now: datetime) -> SnapshotResult:
     started = time.monotonic()
-    target.check_links()
+    st = cache_dir.stat()
+    target.check_links(owner=f"{st.st_uid}:{st.st_gid}")  # rsync -a gives the copies the cache's owner
     names = target.names()
     for stale in (n for n in names if n.endswith(DELETING_SUFFIX)):
         log(f"finishing the deletion of {stale} (a run was stopped while deleting it)")

@@ -128,9 +128,11 @@ class Target:
         except (IndexError, ValueError):
             raise BackupError(f"df on {self.describe()} printed {out!r}: cannot read the free space.") from None
 
-    def check_links(self) -> None:
+    def check_links(self, owner: str | None = None) -> None:
         """Refuse a target that does not keep hard links and symlinks (SMB, exFAT): each snapshot there
-        would be a full copy, and the snapshots' symlinks would be lost."""
+        would be a full copy, and the snapshots' symlinks would be lost. With `owner` ("uid:gid", the cache's),
+        also one where root cannot give a file that owner (an NFS export with root_squash): rsync -a would
+        copy everything, then fail (exit 23) on every run."""
         out = self.sh(
             # the probe folder goes also when a step fails (a full or read-only target) or the run is stopped
             # (a signal's trap exits: dash would run the handler and carry on to a false verdict)
@@ -140,8 +142,18 @@ class Target:
             'if ! ln "$d/a" "$d/b" 2>/dev/null; then echo "no-hardlink"; '
             'elif [ "$(stat -c %h "$d/a")" != 2 ]; then echo "no-hardlink-count"; '
             'elif ! ln -s a "$d/c" 2>/dev/null || [ ! -L "$d/c" ]; then echo "no-symlink"; '
-            'else echo ok; fi', self.path, what="checking hard links and symlinks")
+            # rsync -a sets owners only where it runs as root (a user's rsync keeps its own)
+            'elif [ -n "$2" ] && [ "$(id -u)" = 0 ] && ! chown -h "$2" "$d/a" 2>/dev/null; then echo "no-chown"; '
+            'else echo ok; fi', self.path, owner or "", what="checking hard links, symlinks and owners")
         verdict = out.decode().strip()
+        if verdict == "no-chown":
+            raise BackupError(
+                f"The backup target {self.describe()} does not let root give a file its owner (chown {owner} "
+                "failed there): rsync -a would copy the whole cache and then fail (exit 23), on every run. An NFS "
+                "export with root_squash (the default) maps root to nobody and does this. Nothing was copied. "
+                "Fix: export the share with no_root_squash (Synology: Squash 'No mapping'; TrueNAS: Maproot User "
+                "root), run the backup as the user who owns the cache, or point backup.target at host:/path over "
+                "SSH on the NAS.")
         reasons = {
             "no-hardlink": "cannot make a hard link",
             "no-hardlink-count": "makes hard links that do not share one file (the link count stays 1)",

@@ -68,7 +68,7 @@ def test_an_ssh_target_that_refuses_the_key_says_what_to_check(cache, sshd, tmp_
     with pytest.raises(BackupError) as err:
         make_snapshot(cache.path, target, lock_path=tmp_path / "lock")
     msg = str(err.value)
-    assert msg.startswith(f"checking hard links and symlinks on nobody-here@127.0.0.1:{tmp_path / 'x'} failed (exit 255)")
+    assert msg.startswith(f"checking hard links, symlinks and owners on nobody-here@127.0.0.1:{tmp_path / 'x'} failed (exit 255)")
     assert msg.endswith("Fix: check backup.target, backup.ssh (user, port, identity_file, known_hosts) and that the "
                         "host is up.")
     assert not (tmp_path / "x").exists()
