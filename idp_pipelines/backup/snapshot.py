@@ -17,12 +17,14 @@ snapshot of empty files).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shlex
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -286,47 +288,12 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     stats = RsyncStats()
     cp_copied = 0
     skipped_content = False  # the shortcut taken: rsync's pass left the content folders out
-    for label, src, dest, ld in jobs:
-        # progress over the whole job (both passes of the cache), against what the dry run said to copy
-        total, base = dry[label].bytes_sent, [0]  # bytes of this job done by earlier steps (cp, passes)
-
-        def report(done: int, _total: int, message: str, total=total, base=base) -> None:
-            if progress is not None:
-                # below the total until the job says "copied": rsync confirming what cp copied is not
-                # a finished copy, and a report at the total is logged as the last one
-                progress(min(base[0] + done, max(total - 1, 0)), total, message)
-
-        passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
-            if label == "cache" else [(label, EXCLUDES)]
-        content = [p for p in dry[label].to_send if is_content(p)] if label == "cache" else []
-        if cp_first and content:
-            shortcut = fresh and not any(is_content(p) for p in dry[label].others)
-            dirs = [d for d in dry[label].new_dirs if is_content_dir(d)] if shortcut else []
-            seeded = seed(Path(src), Path(target.join(dest)), content, dirs=dirs, total_bytes=total,
-                          progress=report, label=f"{label}: copying")
-            stats.files_sent += seeded.files
-            cp_copied += seeded.files
-            stats.bytes_sent += seeded.bytes
-            base[0] += seeded.bytes
-            if seeded.left:
-                log(f"{label}: {seeded.left:,} files not copied by cp, left to rsync"
-                    + (f" (first complaint: {seeded.error})" if seeded.error else ""))
-            elif shortcut:  # all content is in place, the folders finished: rsync makes the rest
-                passes = [(label, EXCLUDES + CONTENT_DONE)]
-                skipped_content = True
-                log(f"{label}: cp copied all {seeded.files:,} content files; rsync's pass leaves the content "
-                    "folders out (nothing to link to or delete in a first snapshot)")
-            else:  # all new content is in place: no symlink can point at a missing blob
-                passes = [(label, EXCLUDES)]
-        for what, filters in passes:
-            # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
-            # each pass spares the other's half, which its filters exclude
-            done = run_rsync(rsync_argv(target, filters=filters, link_dest=ld, delete=True)
-                             + [src, target.remote(dest)], progress=report, label=what, total=total)
+    with _Flusher(target, partial):  # the disk writes the snapshot while it is copied, not after
+        for label, src, dest, ld in jobs:
+            done, by_cp, skipped = _copy_job(label, src, dest, ld, target, dry[label], cp_first, fresh, progress, log)
             stats.add(done)
-            base[0] += done.bytes_sent
-        if progress is not None:
-            progress(total, total, f"{label}: copied")
+            cp_copied += by_cp
+            skipped_content |= skipped
 
     entries = target.listing(partial)
     if skipped_content and (dangling := _dangling(entries, "cache", cache_dir)):
@@ -368,6 +335,86 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         free_before=free, needed=needed, state=sorted(p.name for p in state_dir.iterdir() if p.is_dir())
         if state_dir is not None and state_dir.is_dir() else [],
         deleted=delete, kept=keep, cp_copied=cp_copied)
+
+
+class _Flusher:
+    """Flushes a local target's filesystem (`Target.sync`) over and over while the snapshot is copied, in a
+    thread of its own: the disk writes the copy while cp and rsync work instead of after them, in the flush
+    before the rename, and a first snapshot of 500 GB does not fill the host's memory with dirty pages. A
+    failed flush is not an error here: the flush before the rename reports it. Not over SSH (a connection
+    per flush; the NAS writes back on its own)."""
+
+    PAUSE_S = 0.2
+
+    def __init__(self, target: Target, sub: str) -> None:
+        self.target, self.sub = target, sub
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="backup-flush", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.PAUSE_S):
+            with contextlib.suppress(BackupError):
+                self.target.sync(self.sub)
+
+    def __enter__(self) -> _Flusher:
+        if not self.target.is_ssh:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def _copy_job(label: str, src: str, dest: str, ld: str | None, target: Target, dry: RsyncStats, cp_first: bool,
+              fresh: bool, progress: Progress | None, log: Callable[[str], None]) -> tuple[RsyncStats, int, bool]:
+    """One job of the snapshot (the cache, or the staged state) copied into `dest` of the .partial, as its dry
+    run `dry` said: (what was copied, files cp copied, whether rsync's pass left the content folders out)."""
+    stats = RsyncStats()
+    cp_copied = 0
+    skipped_content = False
+    # progress over the whole job (both passes of the cache), against what the dry run said to copy
+    total, base = dry.bytes_sent, [0]  # bytes of this job done by earlier steps (cp, passes)
+
+    def report(done: int, _total: int, message: str) -> None:
+        if progress is not None:
+            # below the total until the job says "copied": rsync confirming what cp copied is not
+            # a finished copy, and a report at the total is logged as the last one
+            progress(min(base[0] + done, max(total - 1, 0)), total, message)
+
+    passes = [("cache content", EXCLUDES + CONTENT_FIRST), ("cache", EXCLUDES + CONTENT_DONE)] \
+        if label == "cache" else [(label, EXCLUDES)]
+    content = [p for p in dry.to_send if is_content(p)] if label == "cache" else []
+    if cp_first and content:
+        shortcut = fresh and not any(is_content(p) for p in dry.others)
+        dirs = [d for d in dry.new_dirs if is_content_dir(d)] if shortcut else []
+        seeded = seed(Path(src), Path(target.join(dest)), content, dirs=dirs, total_bytes=total,
+                      progress=report, label=f"{label}: copying")
+        stats.files_sent += seeded.files
+        cp_copied += seeded.files
+        stats.bytes_sent += seeded.bytes
+        base[0] += seeded.bytes
+        if seeded.left:
+            log(f"{label}: {seeded.left:,} files not copied by cp, left to rsync"
+                + (f" (first complaint: {seeded.error})" if seeded.error else ""))
+        elif shortcut:  # all content is in place, the folders finished: rsync makes the rest
+            passes = [(label, EXCLUDES + CONTENT_DONE)]
+            skipped_content = True
+            log(f"{label}: cp copied all {seeded.files:,} content files; rsync's pass leaves the content "
+                "folders out (nothing to link to or delete in a first snapshot)")
+        else:  # all new content is in place: no symlink can point at a missing blob
+            passes = [(label, EXCLUDES)]
+    for what, filters in passes:
+        # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
+        # each pass spares the other's half, which its filters exclude
+        done = run_rsync(rsync_argv(target, filters=filters, link_dest=ld, delete=True)
+                         + [src, target.remote(dest)], progress=report, label=what, total=total)
+        stats.add(done)
+        base[0] += done.bytes_sent
+    if progress is not None:
+        progress(total, total, f"{label}: copied")
+    return stats, cp_copied, skipped_content
 
 
 def _dangling(entries: dict[str, Entry], root: str, source: Path) -> list[str]:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -18,6 +19,7 @@ import pytest
 from idp_pipelines.backup import BackupError, Target
 from idp_pipelines.backup.retention import plan_retention
 from idp_pipelines.backup import seed as seed_module
+from idp_pipelines.backup import snapshot as snapshot_module
 from idp_pipelines.backup.seed import seed
 from idp_pipelines.backup.snapshot import EXCLUDES, make_snapshot, snapshot_name
 from idp_pipelines.backup.target import PARTIAL_SUFFIX
@@ -536,3 +538,42 @@ def test_a_staging_folder_that_stays_is_removed_by_rsync(cache, target, tmp_path
     snap = Path(target.path) / result.name / "cache"
     assert result.cp_copied > 0 and not (snap / ".idp-seed").exists()
     assert _rsync_would_change(cache.path, snap) == []
+
+
+def test_the_copy_reaches_the_disk_while_the_snapshot_is_made(cache, tmp_path, monkeypatch):
+    """The target is flushed while the snapshot is copied, not only before the rename: a power cut during
+    rsync's pass finds what cp copied before it on the disk (a first snapshot of 500 GB does not wait in the
+    page cache for its flush). The pass waits for a flush that starts after cp finished; without the flusher
+    none comes and the test fails at its deadline."""
+    syncs: list[tuple[float, float]] = []
+    changed = threading.Condition()
+    real_sync, real_rsync = Target.sync, snapshot_module.run_rsync
+
+    def sync(self, sub=""):
+        start = time.monotonic()
+        real_sync(self, sub)
+        with changed:
+            syncs.append((start, time.monotonic()))
+            changed.notify_all()
+
+    cuts = []
+
+    def rsync_after_a_flush(argv, **kw):
+        if "--dry-run" not in argv and not cuts:  # the first pass after cp's copy
+            after = time.monotonic()
+            with changed:
+                assert changed.wait_for(lambda: any(s >= after for s, _ in syncs), timeout=120), \
+                    "no flush of the target while the snapshot was copied"
+            cuts.append(power_cut(image, "cut-during-rsync"))
+        return real_rsync(argv, **kw)
+
+    monkeypatch.setattr(Target, "sync", sync)
+    monkeypatch.setattr(snapshot_module, "run_rsync", rsync_after_a_flush)
+    with ext4_volume(tmp_path, "nas-disk") as (image, mnt):
+        result = _snap(cache, Target(str(mnt / "backup")), tmp_path)
+        copied = {r: info for r, info in tree(mnt / "backup" / result.name / "cache").items()
+                  if info[0] == "f" and ("/blobs/" in r or r.startswith("gguf/"))}  # cp's part
+    assert result.cp_copied == len(copied) > 0 and len(cuts) == 1
+    with after_reboot(cuts[0]) as disk:
+        partial = tree(disk / "backup" / f"{result.name}{PARTIAL_SUFFIX}" / "cache")
+        assert {r: partial.get(r) for r in copied} == copied
