@@ -17,7 +17,6 @@ snapshot of empty files).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -222,8 +221,12 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
                    keep_weekly: int, progress: Progress | None, log: Callable[[str], None],
                    now: datetime) -> SnapshotResult:
     started = time.monotonic()
+    # rsync -a gives the copies the owner of the cache, and of the staged state (this process's)
     st = cache_dir.stat()
-    target.check_links(owner=f"{st.st_uid}:{st.st_gid}")  # rsync -a gives the copies the cache's owner
+    owners = [f"{st.st_uid}:{st.st_gid}"]
+    if state_dir is not None and state_dir.is_dir() and f"{os.getuid()}:{os.getgid()}" not in owners:
+        owners.append(f"{os.getuid()}:{os.getgid()}")
+    target.check_links(owners)
     names = target.names()
     for stale in (n for n in names if n.endswith(DELETING_SUFFIX)):
         log(f"finishing the deletion of {stale} (a run was stopped while deleting it)")
@@ -338,33 +341,59 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
 
 
 class _Flusher:
-    """Flushes a local target's filesystem (`Target.sync`) over and over while the snapshot is copied, in a
-    thread of its own: the disk writes the copy while cp and rsync work instead of after them, in the flush
-    before the rename, and a first snapshot of 500 GB does not fill the host's memory with dirty pages. A
-    failed flush is not an error here: the flush before the rename reports it. Not over SSH (a connection
-    per flush; the NAS writes back on its own)."""
+    """Flushes a local target's filesystem (`Target.sync`) while the snapshot is copied, in a thread of its own,
+    each time the host holds DIRTY_BYTES more unwritten data than after its last flush (`Dirty:` in
+    /proc/meminfo, read every POLL_S; other programs' dirty data is the baseline, not a reason to flush
+    again). The disk writes the copy while cp and rsync work instead of after them, in the flush before the
+    rename, and a first snapshot of 500 GB does not pile gigabytes of dirty pages into the host's memory.
+    The kernel reports a failed write to one flush only, so a failure here fails the snapshot (on leaving the
+    block, before the rename). Not over SSH (a connection per flush; the NAS writes back on its own)."""
 
-    PAUSE_S = 0.2
+    POLL_S = 0.1
+    DIRTY_BYTES = 64 * 1024 * 1024
 
     def __init__(self, target: Target, sub: str) -> None:
         self.target, self.sub = target, sub
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="backup-flush", daemon=True)
+        self.error: Exception | None = None
 
     def _run(self) -> None:
-        while not self.stop.wait(self.PAUSE_S):
-            with contextlib.suppress(BackupError):
+        base = _dirty_bytes()
+        while not self.stop.wait(self.POLL_S):
+            dirty = _dirty_bytes()
+            base = min(base, dirty)
+            if dirty - base < self.DIRTY_BYTES:
+                continue
+            try:
                 self.target.sync(self.sub)
+            except Exception as exc:  # noqa: BLE001 - reported by __exit__, in the run's thread
+                self.error = exc
+                return
+            base = _dirty_bytes()
 
     def __enter__(self) -> _Flusher:
         if not self.target.is_ssh:
             self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join()
+        if self.thread.is_alive():  # leaving on an error (a cancelled run): not held up by a slow flush
+            self.thread.join(timeout=None if exc_type is None else 10)
+        if exc_type is None and self.error is not None:
+            raise BackupError(f"{self.error} The snapshot was not finished: its .partial stays, and the next run "
+                              "continues it. Fix: check the target's disk (dmesg, smartctl) and its free space."
+                              ) from self.error
+
+
+def _dirty_bytes() -> int:
+    """Data this host holds that is not on its disks yet (`Dirty:` in /proc/meminfo)."""
+    with open("/proc/meminfo", "rb") as f:
+        for line in f:
+            if line.startswith(b"Dirty:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _copy_job(label: str, src: str, dest: str, ld: str | None, target: Target, dry: RsyncStats, cp_first: bool,

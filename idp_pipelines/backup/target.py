@@ -128,11 +128,11 @@ class Target:
         except (IndexError, ValueError):
             raise BackupError(f"df on {self.describe()} printed {out!r}: cannot read the free space.") from None
 
-    def check_links(self, owner: str | None = None) -> None:
+    def check_links(self, owners: Sequence[str] = ()) -> None:
         """Refuse a target that does not keep hard links and symlinks (SMB, exFAT): each snapshot there
-        would be a full copy, and the snapshots' symlinks would be lost. With `owner` ("uid:gid", the cache's),
-        also one where root cannot give a file that owner (an NFS export with root_squash): rsync -a would
-        copy everything, then fail (exit 23) on every run."""
+        would be a full copy, and the snapshots' symlinks would be lost. With `owners` ("uid:gid" of what is
+        backed up), also one where root cannot give a file those owners (an NFS export with root_squash):
+        rsync -a would copy everything, then fail (exit 23) on every run."""
         out = self.sh(
             # the probe folder goes also when a step fails (a full or read-only target) or the run is stopped
             # (a signal's trap exits: dash would run the handler and carry on to a false verdict)
@@ -143,17 +143,18 @@ class Target:
             'elif [ "$(stat -c %h "$d/a")" != 2 ]; then echo "no-hardlink-count"; '
             'elif ! ln -s a "$d/c" 2>/dev/null || [ ! -L "$d/c" ]; then echo "no-symlink"; '
             # rsync -a sets owners only where it runs as root (a user's rsync keeps its own)
-            'elif [ -n "$2" ] && [ "$(id -u)" = 0 ] && ! chown -h "$2" "$d/a" 2>/dev/null; then echo "no-chown"; '
-            'else echo ok; fi', self.path, owner or "", what="checking hard links, symlinks and owners")
+            'elif [ "$(id -u)" = 0 ] && bad=$(for o in $2; do chown -h "$o" "$d/a" 2>/dev/null || '
+            '{ echo "$o"; break; }; done) && [ -n "$bad" ]; then echo "no-chown $bad"; '
+            'else echo ok; fi', self.path, " ".join(owners), what="checking hard links, symlinks and owners")
         verdict = out.decode().strip()
-        if verdict == "no-chown":
+        if verdict.startswith("no-chown "):
             raise BackupError(
-                f"The backup target {self.describe()} does not let root give a file its owner (chown {owner} "
-                "failed there): rsync -a would copy the whole cache and then fail (exit 23), on every run. An NFS "
-                "export with root_squash (the default) maps root to nobody and does this. Nothing was copied. "
-                "Fix: export the share with no_root_squash (Synology: Squash 'No mapping'; TrueNAS: Maproot User "
-                "root), run the backup as the user who owns the cache, or point backup.target at host:/path over "
-                "SSH on the NAS.")
+                f"The backup target {self.describe()} does not let root give a file its owner (chown "
+                f"{verdict.split()[1]} failed there): rsync -a would copy the whole cache and then fail (exit 23), "
+                "on every run. An NFS export with root_squash (the default) maps root to nobody and does this. "
+                "Nothing was copied. Fix: export the share with no_root_squash (Synology: Squash 'No mapping'; "
+                "TrueNAS: Maproot User root), run the backup as the user who owns the cache, or point "
+                "backup.target at host:/path over SSH on the NAS.")
         reasons = {
             "no-hardlink": "cannot make a hard link",
             "no-hardlink-count": "makes hard links that do not share one file (the link count stays 1)",
@@ -195,8 +196,11 @@ class Target:
 
     def sync(self, sub: str = "") -> None:
         """Flush the filesystem holding `sub` to its disk (`sync -f`, syncfs): what was written survives a power
-        cut. A NAS whose `sync` has no -f (an old BusyBox) flushes all its filesystems."""
-        self.sh('sync -f "$1" 2>/dev/null || sync', self.join(sub) if sub else self.path,
+        cut, and a write the disk failed is a BackupError (syncfs reports it). A NAS whose `sync` has no -f (an
+        old BusyBox) flushes all its filesystems, and cannot report a failed write."""
+        self.sh('out=$(sync -f "$1" 2>&1) && exit 0\n'
+                'case "$out" in *"invalid option"*|*"unrecognized option"*|*"Usage:"*) sync; exit 0;; esac\n'
+                'printf "%s\\n" "$out" >&2; exit 1', self.join(sub) if sub else self.path,
                 what="flushing the target to its disk")
 
     def remove_tree(self, name: str) -> None:

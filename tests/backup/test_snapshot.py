@@ -148,11 +148,13 @@ def whole_seconds(tmp_path):
         yield mnt
 
 
-def test_a_power_cut_after_the_rename_or_the_run_finds_the_snapshot_whole(cache, tmp_path, monkeypatch):
-    """A snapshot named complete is on the disk with all its bytes: the copy is flushed before the rename.
-    ext4 writes a new file's data up to 30 s later and can put a rename on disk first: without the flush, a
-    power cut right after the rename (its folder forced to disk, as the journal may do at any moment) finds
-    a complete snapshot of empty files. After the run returns, the snapshot is there too."""
+@pytest.mark.parametrize("cut_at", ["the rename", "the run's end"])
+def test_a_power_cut_after_the_rename_or_the_run_finds_the_snapshot_whole(cache, tmp_path, monkeypatch, cut_at):
+    """A snapshot named complete is on the disk with all its bytes, and a run that returned left it there.
+    ext4 writes a new file's data up to 30 s later and can put a rename on disk first: without the flush before
+    the rename, a power cut right after it (its folder forced to disk, as the journal may do at any moment)
+    finds a complete snapshot of empty files; without the flush after it, a cut as the run returns finds
+    only the .partial."""
     real_rename, cuts = Target.rename, []
     with ext4_volume(tmp_path, "nas-disk") as (image, mnt):
         def rename_then_power_cut(self, old, new):
@@ -163,18 +165,20 @@ def test_a_power_cut_after_the_rename_or_the_run_finds_the_snapshot_whole(cache,
                     os.fsync(fd)  # the rename on the disk (the journal committed), the files' data not forced
                 finally:
                     os.close(fd)
-                cuts.append(power_cut(image, "cut-after-rename"))
+                cuts.append(power_cut(image, "cut"))
 
-        monkeypatch.setattr(Target, "rename", rename_then_power_cut)
+        if cut_at == "the rename":
+            monkeypatch.setattr(Target, "rename", rename_then_power_cut)
         target = Target(str(mnt / "backup"))
         result = _snap(cache, target, tmp_path)
+        if cut_at == "the run's end":
+            cuts.append(power_cut(image, "cut"))
         expected = tree(Path(target.path) / result.name)
-        assert cuts and expected[f"cache/{cache.blob_lfs}"][0] == "f" and expected["idp-manifest.json"][0] == "f"
-        cuts.append(power_cut(image, "cut-after-run"))
-    for cut in cuts:
-        with after_reboot(cut) as disk:
-            assert sorted(p.name for p in (disk / "backup").iterdir()) == [result.name], cut.name
-            assert tree(disk / "backup" / result.name) == expected, cut.name
+        assert expected[f"cache/{cache.blob_lfs}"][0] == "f" and expected["idp-manifest.json"][0] == "f"
+    (cut,) = cuts
+    with after_reboot(cut) as disk:
+        assert sorted(p.name for p in (disk / "backup").iterdir()) == [result.name]
+        assert tree(disk / "backup" / result.name) == expected
 
 
 def test_cp_copies_onto_a_target_that_keeps_whole_seconds(cache, whole_seconds, tmp_path):
@@ -237,12 +241,14 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
     cache = make_cache(hub, tmp_path, weights=400_000, sparse_bytes=1024 * 1024)
     extra = cache.path / "gguf" / "tiny" / "many"
     extra.mkdir()
+    part = 2 * 1024 * 1024  # 48 MB in all, at 1 MB/s: killed after 3 parts, what is left takes over 40 s
     for i in range(24):
-        (extra / f"part-{i:02}.gguf").write_bytes(os.urandom(256 * 1024))
+        (extra / f"part-{i:02}.gguf").write_bytes(os.urandom(part))
     target_dir = tmp_path / "nas"
     proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(cache.path), str(target_dir), "1024",
                              str(tmp_path / "backup.lock")], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
                             start_new_session=False)
+    children: list[psutil.Process] = []
     try:
         deadline = time.monotonic() + 120
         copied = 0
@@ -253,18 +259,23 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
             time.sleep(0.1)
         assert proc.poll() is None and copied >= 3, f"the backup never got mid-copy (exit {proc.poll()})"
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert any(c.name() == "rsync" for c in children)
+        rsyncs = []
+        for c in children:
+            with contextlib.suppress(psutil.NoSuchProcess):  # a flush of the target (`sync -f`) that just ended
+                if c.name() == "rsync":
+                    rsyncs.append(c)
+        assert rsyncs
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        # a flush of the target (`sync -f`, backup.snapshot._Flusher) may outlive it by the time the disk takes
-        # to write what is dirty there; it writes nothing into the partial, and it ends on its own
-        psutil.wait_procs(children, timeout=300)
-        assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
+        # at the bandwidth limit what is left takes over 40 s: an rsync still writing would still be there
+        psutil.wait_procs(rsyncs, timeout=30)
+        assert not [c for c in rsyncs if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
             "rsync went on writing after the backup was killed"
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+        psutil.wait_procs(children, timeout=300)  # a flush of the target the backup started ends on its own
     (partial,) = [p.name for p in target_dir.iterdir()]
     assert partial.endswith(".partial")  # killed: no snapshot claims to be complete
     target = Target(str(target_dir))
@@ -274,7 +285,7 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
     assert result.resumed == partial
     assert [p.name for p in target_dir.iterdir()] == [result.name]  # one complete snapshot, no partial
     total = sum(cache_content(cache.path).values())
-    assert result.bytes_sent < total - 3 * 256 * 1024  # what the killed run copied was kept
+    assert result.bytes_sent < total - 3 * part  # what the killed run copied was kept
     src, got = tree(cache.path), tree(target_dir / result.name / "cache")
     for rel, info in src.items():
         if not rel.endswith((".tmp", ".lock")):
@@ -543,8 +554,8 @@ def test_a_staging_folder_that_stays_is_removed_by_rsync(cache, target, tmp_path
 
 
 def test_the_copy_reaches_the_disk_while_the_snapshot_is_made(cache, tmp_path, monkeypatch):
-    """The target is flushed while the snapshot is copied, not only before the rename: a power cut during
-    rsync's pass finds what cp copied before it on the disk (a first snapshot of 500 GB does not wait in the
+    """The target is flushed while the snapshot is copied, not only before the rename: a power cut as rsync's
+    pass starts finds what cp copied before it on the disk (a first snapshot of 500 GB does not wait in the
     page cache for its flush). The pass waits for a flush that starts after cp finished; without the flusher
     none comes and the test fails at its deadline."""
     syncs: list[tuple[float, float]] = []
@@ -571,6 +582,7 @@ def test_the_copy_reaches_the_disk_while_the_snapshot_is_made(cache, tmp_path, m
 
     monkeypatch.setattr(Target, "sync", sync)
     monkeypatch.setattr(snapshot_module, "run_rsync", rsync_after_a_flush)
+    monkeypatch.setattr(snapshot_module._Flusher, "DIRTY_BYTES", 0)  # this cache is far below 64 MB
     with ext4_volume(tmp_path, "nas-disk") as (image, mnt):
         result = _snap(cache, Target(str(mnt / "backup")), tmp_path)
         copied = {r: info for r, info in tree(mnt / "backup" / result.name / "cache").items()
@@ -579,3 +591,35 @@ def test_the_copy_reaches_the_disk_while_the_snapshot_is_made(cache, tmp_path, m
     with after_reboot(cuts[0]) as disk:
         partial = tree(disk / "backup" / f"{result.name}{PARTIAL_SUFFIX}" / "cache")
         assert {r: partial.get(r) for r in copied} == copied
+
+
+def test_a_flush_that_fails_while_copying_fails_the_snapshot(cache, target, tmp_path, monkeypatch):
+    """The kernel reports a write the disk failed to one flush only: when that is the flush during the copy,
+    the snapshot fails on it, naming it, and is not renamed complete. And a flush that cannot run is an error,
+    not a silent fallback."""
+    with pytest.raises(BackupError) as err:
+        Target(str(tmp_path / "unplugged")).sync()
+    assert str(err.value).startswith(f"flushing the target to its disk on {tmp_path / 'unplugged'} failed (exit 1): "
+                                     "sync: error opening")
+    real_sync, tried = Target.sync, tmp_path / "flush-tried"
+
+    def sync(self, sub=""):
+        if threading.current_thread().name == "backup-flush":
+            tried.touch()
+            raise BackupError("flushing the target to its disk on the NAS failed (exit 1): sync: Input/output "
+                              "error.")
+        real_sync(self, sub)
+
+    monkeypatch.setattr(Target, "sync", sync)
+    monkeypatch.setattr(snapshot_module._Flusher, "DIRTY_BYTES", 0)
+    # cp starts copying once the flusher has tried (so its failure lands while the snapshot copies); bounded
+    monkeypatch.setattr(seed_module, "CP", [
+        "sh", "-c", f'i=0; while [ ! -e {tried} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; exec "$0" "$@"',
+        *seed_module.CP])
+    with pytest.raises(BackupError) as err:
+        _snap(cache, target, tmp_path)
+    assert str(err.value) == (
+        "flushing the target to its disk on the NAS failed (exit 1): sync: Input/output error. The snapshot was not "
+        "finished: its .partial stays, and the next run continues it. Fix: check the target's disk (dmesg, "
+        "smartctl) and its free space.")
+    assert target.snapshots() == [] and [p.name.endswith(PARTIAL_SUFFIX) for p in Path(target.path).iterdir()] == [True]
