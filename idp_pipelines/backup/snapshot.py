@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from idp_pipelines.backup.errors import BackupError
+from idp_pipelines.backup.errors import BackupError, FlushError
 from idp_pipelines.backup.retention import plan_retention
 from idp_pipelines.backup.seed import Progress, seed
 from idp_pipelines.backup.target import (
@@ -221,12 +221,10 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
                    keep_weekly: int, progress: Progress | None, log: Callable[[str], None],
                    now: datetime) -> SnapshotResult:
     started = time.monotonic()
-    # rsync -a gives the copies the owner of the cache, and of the staged state (this process's)
-    st = cache_dir.stat()
-    owners = [f"{st.st_uid}:{st.st_gid}"]
-    if state_dir is not None and state_dir.is_dir() and f"{os.getuid()}:{os.getgid()}" not in owners:
-        owners.append(f"{os.getuid()}:{os.getgid()}")
-    target.check_links(owners)
+    # rsync -a gives the copies the owner of the cache, and of the staged state
+    owners = [f"{st.st_uid}:{st.st_gid}" for st in (cache_dir.stat(), *([state_dir.stat()] if state_dir is not None
+                                                                         and state_dir.is_dir() else []))]
+    target.check_links(list(dict.fromkeys(owners)))
     names = target.names()
     for stale in (n for n in names if n.endswith(DELETING_SUFFIX)):
         log(f"finishing the deletion of {stale} (a run was stopped while deleting it)")
@@ -291,38 +289,42 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
     stats = RsyncStats()
     cp_copied = 0
     skipped_content = False  # the shortcut taken: rsync's pass left the content folders out
-    with _Flusher(target, partial):  # the disk writes the snapshot while it is copied, not after
-        for label, src, dest, ld in jobs:
-            done, by_cp, skipped = _copy_job(label, src, dest, ld, target, dry[label], cp_first, fresh, progress, log)
-            stats.add(done)
-            cp_copied += by_cp
-            skipped_content |= skipped
+    try:
+        with _Flusher(target, partial) as flusher:  # the disk writes the snapshot while it is copied
+            for label, src, dest, ld in jobs:
+                done, by_cp, skipped = _copy_job(label, src, dest, ld, target, dry[label], cp_first, fresh, progress,
+                                                  log, flusher.check)
+                stats.add(done)
+                cp_copied += by_cp
+                skipped_content |= skipped
 
-    entries = target.listing(partial)
-    if skipped_content and (dangling := _dangling(entries, "cache", cache_dir)):
-        # a download finished while cp copied: its blob came after the dry run, its symlink before rsync's
-        # pass. rsync walks the content too, so the snapshot holds no link to a blob it lacks.
-        log(f"cache: {len(dangling):,} symlinks point at content the dry run did not list (e.g. {dangling[0]}: a "
-            "download finished during the copy); rsync copies the content that came since")
-        stats.add(run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True)
-                            + [f"{cache_dir}/", target.remote(f"{partial}/cache/")], progress=progress,
-                            label="cache (what came during the copy)"))
         entries = target.listing(partial)
-    files = [e for e in entries.values() if e.kind == "f"]
-    manifest = {
-        "name": name, "created": now.isoformat(timespec="seconds"), "previous": previous,
-        "cache": str(cache_dir),
-        "files": {e.path: e.size for e in files},
-        "links": {e.path: e.link_to for e in entries.values() if e.kind == "l"},
-    }
-    if state_dir is not None and (state_dir / "state-sha256.json").is_file():
-        manifest["state_sha256"] = json.loads((state_dir / "state-sha256.json").read_text())
-    target.write_file(f"{partial}/{MANIFEST}", json.dumps(manifest, sort_keys=True).encode())
-    # A power cut must not leave a snapshot named complete whose files never reached the disk: ext4 and xfs
-    # write a new file's data up to 30 s later, and may put the rename on disk first (a complete snapshot of
-    # empty files). So the copy is flushed before the rename, and the rename before retention deletes an
-    # older snapshot (the newest complete one on disk must be the one kept).
-    target.sync(partial)
+        if skipped_content and (dangling := _dangling(entries, "cache", cache_dir)):
+            # a download finished while cp copied: its blob came after the dry run, its symlink before rsync's
+            # pass. rsync walks the content too, so the snapshot holds no link to a blob it lacks.
+            log(f"cache: {len(dangling):,} symlinks point at content the dry run did not list (e.g. {dangling[0]}: a "
+                "download finished during the copy); rsync copies the content that came since")
+            stats.add(run_rsync(rsync_argv(target, filters=EXCLUDES, link_dest=None, delete=True)
+                                + [f"{cache_dir}/", target.remote(f"{partial}/cache/")], progress=progress,
+                                label="cache (what came during the copy)"))
+            entries = target.listing(partial)
+        files = [e for e in entries.values() if e.kind == "f"]
+        manifest = {
+            "name": name, "created": now.isoformat(timespec="seconds"), "previous": previous,
+            "cache": str(cache_dir),
+            "files": {e.path: e.size for e in files},
+            "links": {e.path: e.link_to for e in entries.values() if e.kind == "l"},
+        }
+        if state_dir is not None and (state_dir / "state-sha256.json").is_file():
+            manifest["state_sha256"] = json.loads((state_dir / "state-sha256.json").read_text())
+        target.write_file(f"{partial}/{MANIFEST}", json.dumps(manifest, sort_keys=True).encode())
+        # A power cut must not leave a snapshot named complete whose files never reached the disk: ext4 and xfs
+        # write a new file's data up to 30 s later, and may put the rename on disk first (a complete snapshot of
+        # empty files). So the copy is flushed before the rename, and the rename before retention deletes an
+        # older snapshot (the newest complete one on disk must be the one kept).
+        target.sync(partial)
+    except FlushError as exc:
+        raise _discard(target, partial, exc, log) from None
     target.rename(partial, name)
     target.sync()
     seconds = time.monotonic() - started
@@ -346,8 +348,9 @@ class _Flusher:
     /proc/meminfo, read every POLL_S; other programs' dirty data is the baseline, not a reason to flush
     again). The disk writes the copy while cp and rsync work instead of after them, in the flush before the
     rename, and a first snapshot of 500 GB does not pile gigabytes of dirty pages into the host's memory.
-    The kernel reports a failed write to one flush only, so a failure here fails the snapshot (on leaving the
-    block, before the rename). Not over SSH (a connection per flush; the NAS writes back on its own)."""
+    The kernel reports a failed write to one flush only: a failure here is raised by `check()` between the
+    copy's steps and on leaving the block. Not over SSH (a connection per flush; the NAS writes back on its
+    own)."""
 
     POLL_S = 0.1
     DIRTY_BYTES = 64 * 1024 * 1024
@@ -359,32 +362,51 @@ class _Flusher:
         self.error: Exception | None = None
 
     def _run(self) -> None:
-        base = _dirty_bytes()
-        while not self.stop.wait(self.POLL_S):
-            dirty = _dirty_bytes()
-            base = min(base, dirty)
-            if dirty - base < self.DIRTY_BYTES:
-                continue
-            try:
-                self.target.sync(self.sub)
-            except Exception as exc:  # noqa: BLE001 - reported by __exit__, in the run's thread
-                self.error = exc
-                return
+        try:
             base = _dirty_bytes()
+            while not self.stop.wait(self.POLL_S):
+                dirty = _dirty_bytes()
+                base = min(base, dirty)
+                if dirty - base >= self.DIRTY_BYTES:
+                    self.target.sync(self.sub)
+                    base = _dirty_bytes()
+        except Exception as exc:  # noqa: BLE001 - raised in the run's thread by check() and __exit__
+            self.error = exc
+
+    def check(self) -> None:
+        """Raise what made a flush fail: a FlushError (the disk failed a write), or why it could not run."""
+        if isinstance(self.error, FlushError):
+            raise self.error
+        if self.error is not None:
+            raise BackupError(f"Flushing the backup target {self.target.describe()} while copying could not run: "
+                              f"{type(self.error).__name__}: {self.error}") from self.error
 
     def __enter__(self) -> _Flusher:
         if not self.target.is_ssh:
             self.thread.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         self.stop.set()
         if self.thread.is_alive():  # leaving on an error (a cancelled run): not held up by a slow flush
             self.thread.join(timeout=None if exc_type is None else 10)
-        if exc_type is None and self.error is not None:
-            raise BackupError(f"{self.error} The snapshot was not finished: its .partial stays, and the next run "
-                              "continues it. Fix: check the target's disk (dmesg, smartctl) and its free space."
-                              ) from self.error
+        if exc is None:
+            self.check()
+        elif self.error is not None and self.error is not exc:
+            exc.add_note(f"A flush of the target failed too: {self.error}")
+
+
+def _discard(target: Target, partial: str, exc: FlushError, log: Callable[[str], None]) -> FlushError:
+    """A flush failed: a file the disk failed to write keeps its size and time, which rsync's next run would take
+    as copied (and a next flush would not report the failure again). The partial snapshot goes."""
+    try:
+        target.remove_tree(partial)
+        what = f"{partial} is deleted and the next run starts the snapshot over"
+    except BackupError as gone:
+        what = f"{partial} could not be deleted ({gone}); delete it, or the next run continues it"
+    log(f"the target's disk failed a write: {what}")
+    return FlushError(f"{exc} A file the disk failed to write keeps its size and time, and a next run would take it "
+                      f"as copied: {what}. Fix: check the target's disk (dmesg, smartctl) and its free space.")
 
 
 def _dirty_bytes() -> int:
@@ -397,7 +419,8 @@ def _dirty_bytes() -> int:
 
 
 def _copy_job(label: str, src: str, dest: str, ld: str | None, target: Target, dry: RsyncStats, cp_first: bool,
-              fresh: bool, progress: Progress | None, log: Callable[[str], None]) -> tuple[RsyncStats, int, bool]:
+              fresh: bool, progress: Progress | None, log: Callable[[str], None],
+              check: Callable[[], None]) -> tuple[RsyncStats, int, bool]:
     """One job of the snapshot (the cache, or the staged state) copied into `dest` of the .partial, as its dry
     run `dry` said: (what was copied, files cp copied, whether rsync's pass left the content folders out)."""
     stats = RsyncStats()
@@ -435,6 +458,7 @@ def _copy_job(label: str, src: str, dest: str, ld: str | None, target: Target, d
         else:  # all new content is in place: no symlink can point at a missing blob
             passes = [(label, EXCLUDES)]
     for what, filters in passes:
+        check()  # a flush failed meanwhile: no use copying on
         # --delete: what a stopped run copied that the cache no longer holds (and rsync's own temp files);
         # each pass spares the other's half, which its filters exclude
         done = run_rsync(rsync_argv(target, filters=filters, link_dest=ld, delete=True)

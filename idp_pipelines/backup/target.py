@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from idp_pipelines.backup.errors import BackupError
+from idp_pipelines.backup.errors import BackupError, FlushError
 from idp_pipelines.files import hash_file
 
 if TYPE_CHECKING:
@@ -106,7 +106,9 @@ class Target:
             err = proc.stderr.decode(errors="replace").strip()
             hint = (" Fix: check backup.target, backup.ssh (user, port, identity_file, known_hosts) and that the "
                     "host is up." if self.is_ssh and proc.returncode == 255 else "")
-            raise BackupError(f"{what} on {self.describe()} failed (exit {proc.returncode}): {err}.{hint}")
+            error = BackupError(f"{what} on {self.describe()} failed (exit {proc.returncode}): {err}.{hint}")
+            error.returncode = proc.returncode  # the script's own exit code (255: ssh could not connect)
+            raise error
         return proc.stdout
 
     # ------------------------------------------------------------------------------------ queries
@@ -196,12 +198,18 @@ class Target:
 
     def sync(self, sub: str = "") -> None:
         """Flush the filesystem holding `sub` to its disk (`sync -f`, syncfs): what was written survives a power
-        cut, and a write the disk failed is a BackupError (syncfs reports it). A NAS whose `sync` has no -f (an
-        old BusyBox) flushes all its filesystems, and cannot report a failed write."""
-        self.sh('out=$(sync -f "$1" 2>&1) && exit 0\n'
-                'case "$out" in *"invalid option"*|*"unrecognized option"*|*"Usage:"*) sync; exit 0;; esac\n'
-                'printf "%s\\n" "$out" >&2; exit 1', self.join(sub) if sub else self.path,
-                what="flushing the target to its disk")
+        cut. A write the disk failed is a FlushError where syncfs reports it (Linux 5.8 and later, to the first
+        flush after the failure only). A NAS whose `sync` has no -f flushes all its filesystems and cannot
+        report one."""
+        try:
+            self.sh('out=$(LC_ALL=C sync -f "$1" 2>&1) && exit 0\n'
+                    'case "$out" in *"invalid option"*|*"unrecognized option"*|*"Usage:"*) sync; exit 0;; esac\n'
+                    'printf "%s\\n" "$out" >&2; exit 75', self.join(sub) if sub else self.path,
+                    what="flushing the target to its disk")
+        except BackupError as exc:
+            if getattr(exc, "returncode", None) == 75:  # sync itself failed, not the way to the target
+                raise FlushError(str(exc)) from None
+            raise
 
     def remove_tree(self, name: str) -> None:
         """Delete a snapshot: renamed to `.deleting` first, so a crash midway never leaves a half-deleted

@@ -141,7 +141,7 @@ def _run(argv: list[str], what: str) -> str:
     return proc.stdout
 
 
-def _running(proc: psutil.Process) -> bool:
+def running(proc: psutil.Process) -> bool:
     try:
         return proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
@@ -168,7 +168,7 @@ def exfat(tmp_path) -> Iterator[Path]:
         finally:
             unmount(mnt)
             deadline = time.monotonic() + 30  # it exits at once; a zombie is gone (init reaps it later)
-            while (alive := [p for p in daemons if _running(p)]) and time.monotonic() < deadline:
+            while (alive := [p for p in daemons if running(p)]) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert not alive, f"exfat-fuse {[p.pid for p in alive]} still running after umount {mnt}"
     finally:

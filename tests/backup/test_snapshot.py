@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import psutil
 import pytest
 
 from idp_pipelines.backup import BackupError, Target
+from idp_pipelines.backup.errors import FlushError
 from idp_pipelines.backup.retention import plan_retention
 from idp_pipelines.backup import seed as seed_module
 from idp_pipelines.backup import snapshot as snapshot_module
@@ -24,7 +26,9 @@ from idp_pipelines.backup.seed import seed
 from idp_pipelines.backup.snapshot import EXCLUDES, make_snapshot, snapshot_name
 from idp_pipelines.backup.target import PARTIAL_SUFFIX
 from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
-from tests.backup.conftest import SPARSE_BYTES, after_reboot, ext4_volume, make_cache, power_cut, tree
+from tests.backup.conftest import (
+    SPARSE_BYTES, after_reboot, ext4_volume, make_cache, power_cut, running, tree,
+)
 
 
 def _snap(cache, target, tmp_path, **kw):
@@ -275,7 +279,10 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        psutil.wait_procs(children, timeout=300)  # a flush of the target the backup started ends on its own
+        # a flush of the target the killed backup started ends on its own (a zombie is init's to reap)
+        deadline = time.monotonic() + 300
+        while [c for c in children if running(c)] and time.monotonic() < deadline:
+            time.sleep(0.1)
     (partial,) = [p.name for p in target_dir.iterdir()]
     assert partial.endswith(".partial")  # killed: no snapshot claims to be complete
     target = Target(str(target_dir))
@@ -595,31 +602,37 @@ def test_the_copy_reaches_the_disk_while_the_snapshot_is_made(cache, tmp_path, m
 
 def test_a_flush_that_fails_while_copying_fails_the_snapshot(cache, target, tmp_path, monkeypatch):
     """The kernel reports a write the disk failed to one flush only: when that is the flush during the copy,
-    the snapshot fails on it, naming it, and is not renamed complete. And a flush that cannot run is an error,
-    not a silent fallback."""
+    the snapshot fails on it, naming it, and its partial goes (a file the disk failed to write keeps its size
+    and time: a next run continuing it would take it as copied). The next run starts over. A flush that
+    cannot run is an error, not a silent fallback."""
     with pytest.raises(BackupError) as err:
         Target(str(tmp_path / "unplugged")).sync()
-    assert str(err.value).startswith(f"flushing the target to its disk on {tmp_path / 'unplugged'} failed (exit 1): "
+    assert str(err.value).startswith(f"flushing the target to its disk on {tmp_path / 'unplugged'} failed (exit 75): "
                                      "sync: error opening")
     real_sync, tried = Target.sync, tmp_path / "flush-tried"
 
     def sync(self, sub=""):
         if threading.current_thread().name == "backup-flush":
             tried.touch()
-            raise BackupError("flushing the target to its disk on the NAS failed (exit 1): sync: Input/output "
-                              "error.")
+            raise FlushError("flushing the target to its disk on the NAS failed (exit 75): sync: error syncing "
+                             "'x': Input/output error.")
         real_sync(self, sub)
 
     monkeypatch.setattr(Target, "sync", sync)
     monkeypatch.setattr(snapshot_module._Flusher, "DIRTY_BYTES", 0)
     # cp starts copying once the flusher has tried (so its failure lands while the snapshot copies); bounded
     monkeypatch.setattr(seed_module, "CP", [
-        "sh", "-c", f'i=0; while [ ! -e {tried} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done; exec "$0" "$@"',
+        "sh", "-c", f'i=0; while [ ! -e {shlex.quote(str(tried))} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); '
+                    'done; exec "$0" "$@"',
         *seed_module.CP])
-    with pytest.raises(BackupError) as err:
-        _snap(cache, target, tmp_path)
+    with pytest.raises(FlushError) as err:
+        _snap(cache, target, tmp_path, now=datetime(2026, 11, 1, 4, tzinfo=timezone.utc))
     assert str(err.value) == (
-        "flushing the target to its disk on the NAS failed (exit 1): sync: Input/output error. The snapshot was not "
-        "finished: its .partial stays, and the next run continues it. Fix: check the target's disk (dmesg, "
-        "smartctl) and its free space.")
-    assert target.snapshots() == [] and [p.name.endswith(PARTIAL_SUFFIX) for p in Path(target.path).iterdir()] == [True]
+        "flushing the target to its disk on the NAS failed (exit 75): sync: error syncing 'x': Input/output error. "
+        "A file the disk failed to write keeps its size and time, and a next run would take it as copied: "
+        "2026-11-01T04-00-00Z.partial is deleted and the next run starts the snapshot over. Fix: check the target's "
+        "disk (dmesg, smartctl) and its free space.")
+    assert os.listdir(target.path) == []  # no snapshot named complete, no partial a next run would trust
+    monkeypatch.setattr(Target, "sync", real_sync)
+    again = _snap(cache, target, tmp_path)
+    assert again.resumed is None and again.cp_copied > 0 and target.snapshots() == [again.name]
