@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import pairwise
 from datetime import datetime, timedelta, timezone
 
 _RANGES = [(0, 59), (0, 23), (1, 31), (1, 12), (0, 7)]
@@ -47,7 +48,7 @@ def longest_gap(cron: str, *, start: datetime | None = None, days: int = 62) -> 
         day += timedelta(days=1)
     if len(fires) < 2:
         return timedelta(days=days)
-    return max(b - a for a, b in zip(fires, fires[1:], strict=False))
+    return max(b - a for a, b in pairwise(fires))
 
 
 @dataclass(frozen=True)

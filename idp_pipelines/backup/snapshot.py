@@ -221,9 +221,9 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
                    keep_weekly: int, progress: Progress | None, log: Callable[[str], None],
                    now: datetime) -> SnapshotResult:
     started = time.monotonic()
+    has_state = state_dir is not None and state_dir.is_dir()
     # rsync -a gives the copies the owner of the cache, and of the staged state
-    owners = [f"{st.st_uid}:{st.st_gid}" for st in (cache_dir.stat(), *([state_dir.stat()] if state_dir is not None
-                                                                         and state_dir.is_dir() else []))]
+    owners = [f"{st.st_uid}:{st.st_gid}" for st in [cache_dir.stat(), *([state_dir.stat()] if has_state else [])]]
     target.check_links(list(dict.fromkeys(owners)))
     names = target.names()
     for stale in (n for n in names if n.endswith(DELETING_SUFFIX)):
@@ -250,7 +250,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         return target.join(previous, sub) if previous else None
 
     jobs = [("cache", f"{cache_dir}/", f"{partial}/cache/", link("cache"))]
-    if state_dir is not None and state_dir.is_dir():
+    if has_state:
         jobs.append(("state", f"{state_dir}/", f"{partial}/state/", link("state")))
 
     # One dry run against the newest snapshot says what must be copied (for the free-space check) and
@@ -338,7 +338,7 @@ def _make_snapshot(cache_dir: Path, target: Target, margin_bytes: int, state_dir
         bytes_sent=stats.bytes_sent, seconds=seconds,
         own_bytes=sum(e.size for e in files if e.links == 1), apparent_bytes=sum(e.size for e in files),
         free_before=free, needed=needed, state=sorted(p.name for p in state_dir.iterdir() if p.is_dir())
-        if state_dir is not None and state_dir.is_dir() else [],
+        if has_state else [],
         deleted=delete, kept=keep, cp_copied=cp_copied)
 
 

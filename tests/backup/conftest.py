@@ -94,6 +94,22 @@ def target(tmp_path) -> Target:
     return Target(str(tmp_path / "nas" / "backup"))
 
 
+# make_snapshot in a process of its own: argv cache, target folder, lock file [, bandwidth limit in KiB/s]; a
+# BackupError is printed, exit 3
+SNAPSHOT_SCRIPT = """
+import sys
+from pathlib import Path
+from idp_pipelines.backup import BackupError, Target
+from idp_pipelines.backup.snapshot import make_snapshot
+try:
+    make_snapshot(Path(sys.argv[1]), Target(sys.argv[2], bwlimit_kib_s=int(sys.argv[4]) if sys.argv[4:] else None),
+                  lock_path=Path(sys.argv[3]))
+except BackupError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
 def tree(root: Path) -> dict[str, tuple]:
     """Every path under root: ("l", link target) for symlinks, ("f", bytes sha256, mode, mtime_ns) for files."""
     out = {}

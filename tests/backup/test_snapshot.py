@@ -23,11 +23,11 @@ from idp_pipelines.backup.retention import plan_retention
 from idp_pipelines.backup import seed as seed_module
 from idp_pipelines.backup import snapshot as snapshot_module
 from idp_pipelines.backup.seed import seed
-from idp_pipelines.backup.snapshot import EXCLUDES, make_snapshot, snapshot_name
+from idp_pipelines.backup.snapshot import EXCLUDES, is_content, make_snapshot, snapshot_name
 from idp_pipelines.backup.target import PARTIAL_SUFFIX
 from idp_pipelines.backup.verify import cache_content, coverage, snapshot_files
 from tests.backup.conftest import (
-    SPARSE_BYTES, after_reboot, ext4_volume, make_cache, power_cut, running, tree,
+    SNAPSHOT_SCRIPT, SPARSE_BYTES, after_reboot, ext4_volume, make_cache, power_cut, running, tree,
 )
 
 
@@ -106,8 +106,6 @@ def test_a_download_that_finishes_during_the_first_copy_leaves_no_dangling_link(
                                                                               monkeypatch):
     """A blob that lands after the dry run (not copied by cp) whose symlink rsync's pass then finds: rsync
     walks the content too, so the first snapshot has the blob its link points at."""
-    import idp_pipelines.backup.snapshot as snapshot_module
-
     repo = cache.path / cache.blob_lfs.split("/blobs/")[0]
     data = os.urandom(5000)
     blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
@@ -195,7 +193,7 @@ def test_cp_copies_onto_a_target_that_keeps_whole_seconds(cache, whole_seconds, 
     result = _snap(cache, target, tmp_path)
     snap = Path(target.path) / result.name / "cache"
     assert (snap / cache.blob_lfs).stat().st_mtime_ns == 1_700_000_000_000_000_000  # the volume keeps seconds
-    content = [r for r, info in tree(snap).items() if info[0] == "f" and ("/blobs/" in r or r.startswith("gguf/"))]
+    content = [r for r, info in tree(snap).items() if info[0] == "f" and is_content(r)]
     assert result.cp_copied == len(content) > 0 and _rsync_would_change(cache.path, snap) == []
 
 
@@ -232,15 +230,6 @@ def test_coverage_names_a_blob_the_snapshot_lacks(cache, target, tmp_path):
         (q8, "199999 bytes in the snapshot, 200004 in the cache"), (cache.blob_lfs, "not in the snapshot")]
 
 
-_KILL_SCRIPT = """
-import sys
-from pathlib import Path
-from idp_pipelines.backup import Target
-from idp_pipelines.backup.snapshot import make_snapshot
-make_snapshot(Path(sys.argv[1]), Target(sys.argv[2], bwlimit_kib_s=int(sys.argv[3])), lock_path=Path(sys.argv[4]))
-"""
-
-
 def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_path):
     cache = make_cache(hub, tmp_path, weights=400_000, sparse_bytes=1024 * 1024)
     extra = cache.path / "gguf" / "tiny" / "many"
@@ -249,8 +238,8 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
     for i in range(24):
         (extra / f"part-{i:02}.gguf").write_bytes(os.urandom(part))
     target_dir = tmp_path / "nas"
-    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(cache.path), str(target_dir), "1024",
-                             str(tmp_path / "backup.lock")], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
+    proc = subprocess.Popen([sys.executable, "-c", SNAPSHOT_SCRIPT, str(cache.path), str(target_dir),
+                             str(tmp_path / "backup.lock"), "1024"], env={**os.environ, "PYTHONPATH": str(Path.cwd())},
                             start_new_session=False)
     children: list[psutil.Process] = []
     try:
@@ -273,7 +262,7 @@ def test_sigkill_mid_copy_then_a_rerun_leaves_one_complete_snapshot(hub, tmp_pat
         proc.wait(timeout=30)
         # at the bandwidth limit what is left takes over 40 s: an rsync still writing would still be there
         psutil.wait_procs(rsyncs, timeout=30)
-        assert not [c for c in rsyncs if c.is_running() and c.status() != psutil.STATUS_ZOMBIE], \
+        assert not [c for c in rsyncs if running(c)], \
             "rsync went on writing after the backup was killed"
     finally:
         if proc.poll() is None:
@@ -593,7 +582,7 @@ def test_the_copy_reaches_the_disk_while_the_snapshot_is_made(cache, tmp_path, m
     with ext4_volume(tmp_path, "nas-disk") as (image, mnt):
         result = _snap(cache, Target(str(mnt / "backup")), tmp_path)
         copied = {r: info for r, info in tree(mnt / "backup" / result.name / "cache").items()
-                  if info[0] == "f" and ("/blobs/" in r or r.startswith("gguf/"))}  # cp's part
+                  if info[0] == "f" and is_content(r)}  # cp's part
     assert result.cp_copied == len(copied) > 0 and len(cuts) == 1
     with after_reboot(cuts[0]) as disk:
         partial = tree(disk / "backup" / f"{result.name}{PARTIAL_SUFFIX}" / "cache")

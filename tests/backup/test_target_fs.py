@@ -11,7 +11,7 @@ import pytest
 
 from idp_pipelines.backup import BackupError, Target
 from idp_pipelines.backup.snapshot import make_snapshot
-from tests.backup.conftest import tree
+from tests.backup.conftest import SNAPSHOT_SCRIPT, tree
 
 
 def test_an_exfat_target_is_refused_before_copying_and_left_clean(cache, exfat, tmp_path):
@@ -30,19 +30,6 @@ def test_an_exfat_target_is_refused_before_copying_and_left_clean(cache, exfat, 
     assert tree(cache.path) == before
 
 
-_SNAPSHOT_AS = """
-import sys
-from pathlib import Path
-from idp_pipelines.backup import BackupError, Target
-from idp_pipelines.backup.snapshot import make_snapshot
-try:
-    make_snapshot(Path(sys.argv[1]), Target(sys.argv[2]), lock_path=Path(sys.argv[3]))
-except BackupError as exc:
-    print(exc)
-    sys.exit(3)
-"""
-
-
 def test_a_target_where_root_cannot_keep_owners_is_refused_before_copying(cache, tmp_path):
     """A backup running as root onto an NFS export with root_squash (the default) cannot give the copies their
     owner: rsync -a would copy the whole cache and then fail (exit 23), every night. Root without CAP_CHOWN
@@ -51,7 +38,7 @@ def test_a_target_where_root_cannot_keep_owners_is_refused_before_copying(cache,
     subprocess.run(["cp", "-a", str(cache.path), str(owned)], check=True)
     subprocess.run(["chown", "-R", "-h", "1234:1234", str(owned)], check=True)  # the lab user's cache
     nas = tmp_path / "nas"
-    proc = subprocess.run(["setpriv", "--bounding-set=-chown", sys.executable, "-c", _SNAPSHOT_AS, str(owned),
+    proc = subprocess.run(["setpriv", "--bounding-set=-chown", sys.executable, "-c", SNAPSHOT_SCRIPT, str(owned),
                            str(nas), str(tmp_path / "backup.lock")], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stdout + proc.stderr
     assert proc.stdout.strip() == (
